@@ -1,0 +1,41 @@
+# clrx: `make help` lists the targets.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch and torchvision first, pinned to the builds this project is tested with; override to taste.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test ui lint format clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+install: $(STAMP) ## create .venv and install clrx with its dev tools
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: install ## train one-cycle on the digits default (more overrides: make run ARGS="trainer.epochs=20")
+	$(PY) -m clrx policy=one_cycle $(ARGS)
+
+test: install ## run the test suite
+	$(PY) -m pytest
+
+ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean: ## remove run outputs and the local MLflow store (keeps .venv)
+	rm -rf outputs multirun mlflow.db mlartifacts

@@ -1,0 +1,84 @@
+"""Command line: ``python -m clrx [overrides]`` trains one run; ``python -m clrx -m ...`` sweeps.
+
+python -m clrx policy=one_cycle
+python -m clrx policy=triangular2 policy.stepsize_epochs=2 trainer.epochs=8
+python -m clrx -m optimizer.weight_decay=1e-3,1e-4,1e-5,0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from clrx.config import register
+from clrx.errors import ClrxError, TrainingDiverged
+from clrx.train import train
+
+log = logging.getLogger("clrx")
+register()
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `python -m` and the script
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+def app(cfg: DictConfig) -> float:
+    runtime = HydraConfig.get().runtime
+    tags = {f"clrx.{group}": str(choice) for group, choice in runtime.choices.items() if "/" not in group}
+    try:
+        result = train(cfg, Path(runtime.output_dir), tags)
+    except ClrxError as error:
+        _exit(str(error), 1 if isinstance(error, TrainingDiverged) else 2)
+    log.info(
+        "finished %d steps in %.1fs: val_acc %.4f (best %.4f), val_loss %.4f",
+        result.steps,
+        result.seconds,
+        result.val_acc,
+        result.best_val_acc,
+        result.val_loss,
+    )
+    log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
+    log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
+    return result.val_acc
+
+
+def _exit(message: str, status: int) -> NoReturn:
+    # SystemExit passes Hydra's job runner untouched: no traceback, no "Error executing job".
+    print(f"clrx: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _one_line(error: BaseException) -> str:
+    """The useful part of a Hydra or OmegaConf error, on one line."""
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, choice = (error.missing_cfg_file or "").rpartition("/")
+        return f"{group}={choice} is not available; choose one of: {', '.join(sorted(error.options))}"
+    parts = [" ".join(line.strip() for line in str(error).splitlines()[:2] if line.strip())]
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        parts.append(str(error.__cause__).splitlines()[0])
+    return ": ".join(part for part in parts if part) or type(error).__name__
+
+
+def main() -> None:
+    """Run the app; a bad config ends as one line on stderr and exit status 2 (1: the run diverged)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    try:
+        app()
+    except (HydraException, OmegaConfBaseException) as error:
+        _exit(_one_line(error), 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Turn config nodes into objects, rejecting bad settings before any work starts.
+
+Every group node names its ``_target_``; its keys are checked against the target's signature so
+that a typo fails with the full key and the allowed names, not deep inside a constructor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from clrx.errors import ConfigError
+from clrx.policies import Policy
+
+OPTIMIZER_FRACTIONS = ("momentum", "alpha", "rho")
+
+
+def _target(group: str, settings: dict[str, Any]) -> Any:
+    path = settings.pop("_target_", None)
+    if not isinstance(path, str):
+        raise ConfigError(f"{group}._target_", "must name the class or function to build")
+    try:
+        return get_object(path)
+    except Exception:
+        raise ConfigError(f"{group}._target_", f"cannot import {path!r}") from None
+
+
+def instantiate(
+    node: DictConfig | dict[str, Any],
+    group: str,
+    defaults: dict[str, Any] | None = None,
+    **runtime: Any,
+) -> Any:
+    """Build ``node``'s target with its settings plus ``runtime`` arguments.
+
+    ``defaults`` fill parameters the target accepts and the config leaves unset (or null), such
+    as the run's total number of steps. ConfigErrors from the target gain the group prefix.
+    """
+    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    target = _target(group, settings)
+    params = inspect.signature(target).parameters
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = [name for name, p in params.items() if name not in runtime and p.kind not in variadic]
+    for key in settings:
+        if key in runtime:
+            raise ConfigError(f"{group}.{key}", f"is set by clrx at run time ({_runtime_owner(key)})")
+        if not open_ended and key not in params:
+            raise ConfigError(
+                f"{group}.{key}", f"is not a setting of {target.__name__}; settings: {', '.join(allowed)}"
+            )
+    for key, value in (defaults or {}).items():
+        if key in params and settings.get(key) is None:
+            settings[key] = value
+    try:
+        return target(**settings, **runtime)
+    except ConfigError as error:
+        raise error.within(group) from None
+
+
+def _runtime_owner(key: str) -> str:
+    return "the policy sets it each step" if key == "lr" else "derived from the dataset and run"
+
+
+def build_policy(node: DictConfig, steps_per_epoch: int, total_steps: int) -> Policy:
+    """The configured policy, with ``stepsize_epochs`` turned into optimizer steps."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    epochs = settings.pop("stepsize_epochs", None)
+    if epochs is not None:
+        if settings.get("stepsize") is not None:
+            raise ConfigError("policy.stepsize", "give stepsize or stepsize_epochs, not both")
+        if not (isinstance(epochs, (int, float)) and epochs > 0):
+            raise ConfigError("policy.stepsize_epochs", f"must be a positive number, got {epochs!r}")
+        settings["stepsize"] = max(1, round(epochs * steps_per_epoch))
+    return instantiate(settings, "policy", defaults={"total_steps": total_steps})
+
+
+def build_optimizer(node: DictConfig, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The configured torch optimizer, its fractions and weight decay checked first."""
+    for key in OPTIMIZER_FRACTIONS:
+        value = node.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(f"optimizer.{key}", f"must be in [0, 1), got {value!r}")
+    for index, value in enumerate(node.get("betas") or ()):
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(f"optimizer.betas[{index}]", f"must be in [0, 1), got {value!r}")
+    decay = node.get("weight_decay")
+    if decay is not None and not (isinstance(decay, (int, float)) and decay >= 0):
+        raise ConfigError("optimizer.weight_decay", f"must be a number >= 0, got {decay!r}")
+    return instantiate(node, "optimizer", params=params, lr=lr)

@@ -1,0 +1,26 @@
+"""Figures of what a run actually applied."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from matplotlib.figure import Figure
+
+
+def schedule_figure(
+    steps: Sequence[int],
+    lrs: Sequence[float],
+    momenta: Sequence[float | None],
+    losses: Sequence[float],
+    momentum_name: str | None,
+) -> Figure:
+    """LR, momentum (or beta1) and training loss against the optimizer step, one panel each."""
+    panels = [("lr", lrs), (momentum_name or "momentum", momenta), ("train_loss", losses)]
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True)
+    for ax, (label, values) in zip(axes, panels, strict=True):
+        ax.plot(steps, [float("nan") if v is None else v for v in values], linewidth=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("optimizer step")
+    return figure

@@ -1,0 +1,65 @@
+"""The per-step record of a run: applied lr and momentum, and the loss.
+
+Losses stay on the device as tensors and are read back every ``every`` steps with a single sync,
+so a GPU step never waits for the host; that read also checks the loss is still finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from clrx.errors import TrainingDiverged
+from clrx.tracking import Tracker
+
+
+class Recorder:
+    def __init__(
+        self,
+        tracker: Tracker,
+        momentum_name: str | None,
+        every: int,
+        on_drain: Callable[[int, float, float], None] = lambda n, lr, loss: None,
+    ) -> None:
+        self.tracker, self.momentum_name, self.every, self.on_drain = tracker, momentum_name, every, on_drain
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+        self.momenta: list[float | None] = []
+        self.losses: list[float] = []
+        self._pending: list[torch.Tensor] = []
+
+    def record(self, step: int, lr: float, momentum: float | None, loss: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.momenta.append(momentum)
+        self._pending.append(loss.detach())
+        if len(self._pending) >= self.every:
+            self.drain()
+
+    def drain(self) -> None:
+        """Read pending losses, stop on a non-finite one, and pass every point to the tracker."""
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).float().tolist()
+        first = len(self.losses)
+        self._pending = []
+        for offset, loss in enumerate(values):
+            index = first + offset
+            step, lr = self.steps[index], self.lrs[index]
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step} (lr {lr:.4g}); lower the learning rate (policy.max_lr)"
+                )
+            self.losses.append(loss)
+            self.tracker.metric("lr", lr, step)
+            if self.momentum_name is not None:
+                self.tracker.metric(self.momentum_name, self.momenta[index], step)
+            self.tracker.metric("train_loss", loss, step)
+        self.on_drain(len(values), self.lrs[-1], self.losses[-1])
+
+    def epoch_loss(self, steps: int) -> float:
+        """Mean training loss over the last ``steps`` drained steps."""
+        recent = self.losses[-steps:]
+        return sum(recent) / len(recent)

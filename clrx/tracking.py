@@ -1,0 +1,165 @@
+"""MLflow tracking that never makes a training step wait.
+
+Per-step values are buffered in memory and handed to MLflow's asynchronous ``log_batch`` in
+chunks of up to 1000 metrics; ``finish`` waits for every chunk before closing the run, so after a
+run the store holds exactly the points that were recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from clrx.errors import ConfigError
+
+METRICS_PER_BATCH = 1000
+PARAMS_PER_BATCH = 100
+PARAM_VALUE_LIMIT = 6000
+
+
+def default_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in the directory clrx runs from."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten(config: DictConfig | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys to string values, the shape MLflow params take."""
+    container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
+    flat: dict[str, str] = {}
+    for key, value in container.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:PARAM_VALUE_LIMIT]
+    return flat
+
+
+@contextmanager
+def _probe_once() -> Iterator[None]:
+    # A wrong server address should fail in seconds, not after MLflow's minutes of retries.
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client for ``uri``, checked to answer; a store that cannot be opened is a config error."""
+    for chatty in ("mlflow.store.db.utils", "alembic"):  # schema set-up notes on a new database
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    try:
+        with _probe_once():
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+    except Exception as error:
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ConfigError("tracking.uri", f"cannot open MLflow store {uri!r}: {reason[:300]}") from None
+    return client
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Keep a SQLite store's artifacts beside the database, wherever the run started."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / "mlartifacts" / experiment).as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
+
+
+class Tracker:
+    """One MLflow run, written to in batches."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._metrics: list[Metric] = []
+        self._pending: list[Any] = []
+
+    @property
+    def uri(self) -> str:
+        return self.client.tracking_uri
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        self._metrics.append(Metric(key, value, int(time.time() * 1000), step))
+        if len(self._metrics) >= METRICS_PER_BATCH:
+            self.flush()
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.metric(key, value, step)
+
+    def flush(self) -> None:
+        """Hand buffered metrics to MLflow's background logger; returns without waiting."""
+        for start in range(0, len(self._metrics), METRICS_PER_BATCH):
+            chunk = self._metrics[start : start + METRICS_PER_BATCH]
+            self._pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
+        self._metrics = []
+
+    def params(self, values: Mapping[str, str]) -> None:
+        items = [Param(key, value) for key, value in values.items()]
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in values.items()])
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def figure(self, figure: Figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        """Wait for every buffered point to land, then close the run with ``status``."""
+        self.flush()
+        for operation in self._pending:
+            operation.wait()
+        self._pending = []
+        if reason:
+            self.tags({"clrx.failure": reason[:PARAM_VALUE_LIMIT]})
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def tracked_run(
+    client: MlflowClient,
+    experiment: str,
+    run_name: str | None,
+    tags: Mapping[str, str],
+) -> Iterator[Tracker]:
+    """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING."""
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
+    tracker = Tracker(client, run.info.run_id)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted")
+        raise
+    except BaseException as error:
+        tracker.finish("FAILED", f"{type(error).__name__}: {error}")
+        raise
+    tracker.finish("FINISHED")

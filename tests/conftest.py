@@ -1,0 +1,57 @@
+"""Shared fixtures: a fresh SQLite MLflow store per test and a way to run the real CLI."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from clrx.__main__ import main as clrx_main
+from clrx.config import register
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+register()
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty, fully migrated SQLite store, made once: creating the schema takes seconds."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_store):
+    """(tracking URI, client) of an empty SQLite store at ``mlflow.db`` in the test's folder."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, MlflowClient(uri)
+
+
+def compose_config(*overrides: str):
+    """The config ``python -m clrx`` would compose with these overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def main_in_process(*args: str, monkeypatch, capsys) -> tuple[int, str]:
+    """``python -m clrx ARGS`` through the same entry point, without a new interpreter."""
+    monkeypatch.setattr(sys, "argv", ["clrx", *args])
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        clrx_main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CI": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "clrx", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )

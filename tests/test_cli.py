@@ -1,0 +1,122 @@
+"""The real command line, end to end, checked through MLflow's own client."""
+
+import pytest
+from mlflow.entities import ViewType
+
+from clrx.policies import OneCycle
+from clrx.train import train
+from tests.conftest import compose_config, main_in_process, run_cli
+
+STEPS_PER_EPOCH = 1437 // 64  # digits: 1437 training images, drop_last batches of 64
+
+
+def _history(client, run_id, key):
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
+
+def test_one_cycle_run_logs_every_step_and_the_config(tmp_path, store):
+    uri, client = store  # the default store: mlflow.db in the directory the command runs from
+    done = run_cli("policy=one_cycle", "trainer.epochs=2", "hydra.run.dir=run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "val_acc" in done.stderr + done.stdout and "mlflow ui --backend-store-uri" in done.stderr + done.stdout
+
+    [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
+    assert run.info.status == "FINISHED"
+    steps = 2 * STEPS_PER_EPOCH
+    expected = OneCycle(base_lr=0.05, max_lr=0.5, total_steps=steps)
+    for key in ("lr", "momentum", "train_loss"):
+        assert [m.step for m in _history(client, run.info.run_id, key)] == list(range(steps)), key
+    assert [m.value for m in _history(client, run.info.run_id, "lr")] == pytest.approx(
+        [expected(k).lr for k in range(steps)], rel=1e-12
+    )
+    assert [m.value for m in _history(client, run.info.run_id, "momentum")] == pytest.approx(
+        [expected(k).momentum for k in range(steps)], rel=1e-12
+    )
+    val = _history(client, run.info.run_id, "val_acc")
+    assert [m.step for m in val] == [STEPS_PER_EPOCH, steps] and val[-1].value > 0.5
+
+    assert run.data.params["policy.max_lr"] == "0.5" and run.data.params["trainer.batch_size"] == "64"
+    assert run.data.params["model.name"] == "test_resnet" and run.data.tags["clrx.policy"] == "one_cycle"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config/hydra")}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"config/resolved.yaml", "config/hydra/overrides.yaml", "plots/schedule.png"} <= artifacts
+    assert (tmp_path / "run" / "model.pt").stat().st_size > 0
+
+
+def test_same_command_twice_gives_the_same_losses(tmp_path, store):
+    uri, client = store
+    cfg = compose_config("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}")
+    runs = [train(cfg, tmp_path / str(i)).run_id for i in range(2)]
+    first, second = ([m.value for m in _history(client, run, "train_loss")] for run in runs)
+    assert len(first) == STEPS_PER_EPOCH and first == second
+
+
+def test_adam_cycles_beta1(tmp_path, store):
+    uri, client = store
+    cfg = compose_config(
+        "optimizer=adam",
+        "policy.base_lr=5e-4",
+        "policy.max_lr=5e-3",
+        "trainer.epochs=1",
+        "trainer.progress=false",
+        "trainer.save_model=false",
+        f"tracking.uri={uri}",
+    )
+    run_id = train(cfg, tmp_path).run_id
+    beta1 = [m.value for m in _history(client, run_id, "beta1")]
+    expected = OneCycle(base_lr=5e-4, max_lr=5e-3, total_steps=STEPS_PER_EPOCH)
+    assert beta1 == pytest.approx([expected(k).momentum for k in range(STEPS_PER_EPOCH)])
+
+
+BAD_INPUT = [
+    (["policy.base_lr=0.9"], "policy.base_lr"),
+    (["policy=triangular", "policy.stepsize=0", "policy.stepsize_epochs=null"], "policy.stepsize"),
+    (["policy=cosine"], "choose one of: exp_range, fixed, one_cycle, triangular, triangular2"),
+    (["model.name=resnet1"], "close names: resnet18"),
+    (["policy.max_momentum=1.2"], "policy.max_momentum"),
+    (["optimizer.momentum=1.5"], "optimizer.momentum"),
+    (["trainer.batch_size=5000"], "trainer.batch_size"),
+    (["trainer.epochs=abc"], "trainer.epochs"),
+    (["tracking.uri=sqlite:///{blocked}/mlflow.db"], "tracking.uri"),
+]
+
+
+def _no_runs(client) -> bool:
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return client.search_runs(experiments, run_view_type=ViewType.ALL) == []
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_is_one_line_before_any_run_starts(tmp_path, store, monkeypatch, capsys, overrides, expected):
+    uri, client = store
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    args = [o.format(blocked=blocked) for o in overrides]
+    tracking = [] if args[0].startswith("tracking") else [f"tracking.uri={uri}"]
+    status, stderr = main_in_process(
+        *args, *tracking, f"hydra.run.dir={tmp_path}/run", monkeypatch=monkeypatch, capsys=capsys
+    )
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("clrx: error: ") and expected in lines[0]
+    assert _no_runs(client)
+
+
+def test_bad_input_exits_non_zero_from_a_real_process(tmp_path, store):
+    uri, client = store
+    done = run_cli("policy.base_lr=0.9", f"tracking.uri={uri}", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "clrx: error: policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
+    ]
+    assert _no_runs(client)
+
+
+def test_a_diverging_run_stops_and_is_marked_failed_with_the_reason(tmp_path, store):
+    uri, client = store
+    done = run_cli("policy=fixed", "policy.lr=1e6", f"tracking.uri={uri}", cwd=tmp_path)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "loss became" in lines[0], done.stderr
+    [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
+    assert run.info.status == "FAILED" and "loss became" in run.data.tags["clrx.failure"]

@@ -1,0 +1,87 @@
+"""Every config file composes, and every group option builds into a working object."""
+
+import pytest
+import torch
+
+from clrx.build import build_optimizer, build_policy, instantiate
+from clrx.errors import ConfigError
+from clrx.policies import Hyper
+from tests.conftest import CONF, compose_config
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == ["dataset", "model", "optimizer", "policy", "tracking", "trainer"]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_builds(group, option):
+    cfg = compose_config(f"{group}={option}")
+    assert cfg[group] is not None
+    data = instantiate(cfg.dataset, "dataset")
+    images, labels = data.train.__getitems__([0, 1])
+    assert images.shape[1] == data.in_chans and 0 <= labels.min() and labels.max() < data.num_classes
+    model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
+    assert model(images).shape == (2, data.num_classes)
+    policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
+    first = policy(0)
+    assert isinstance(first, Hyper) and first.lr > 0
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=first.lr)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+
+
+def test_stepsize_in_epochs_becomes_optimizer_steps():
+    cfg = compose_config("policy=triangular", "policy.stepsize_epochs=2.5")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).stepsize == 55
+    cfg = compose_config("policy=triangular", "policy.stepsize=7", "policy.stepsize_epochs=null")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).stepsize == 7
+
+
+def test_one_cycle_spans_the_run_unless_told_otherwise():
+    cfg = compose_config("policy=one_cycle")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 176
+    cfg = compose_config("policy=one_cycle", "policy.total_steps=100")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 100
+
+
+@pytest.mark.parametrize(
+    "overrides, setting",
+    [
+        (["policy=triangular", "policy.stepsize=5"], "policy.stepsize"),
+        (["policy=triangular", "policy.stepsize_epochs=0"], "policy.stepsize_epochs"),
+        (["+policy.warmup=3"], "policy.warmup"),
+        (["policy._target_=clrx.policies.Nope"], "policy._target_"),
+        (["policy.max_lr=0.01"], "policy.base_lr"),
+    ],
+)
+def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError) as raised:
+        build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
+    assert raised.value.setting == setting
+
+
+@pytest.mark.parametrize(
+    "overrides, setting",
+    [
+        (["optimizer.momentum=1.0"], "optimizer.momentum"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay"),
+        (["optimizer=adam", "optimizer.betas=[0.9,1.5]"], "optimizer.betas[1]"),
+        (["+optimizer.lr=0.1"], "optimizer.lr"),
+        (["+optimizer.momentun=0.1"], "optimizer.momentun"),
+    ],
+)
+def test_bad_optimizer_settings_fail_with_the_full_key(overrides, setting):
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError) as raised:
+        build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert raised.value.setting == setting
+
+
+def test_unknown_model_suggests_close_timm_names():
+    cfg = compose_config("model.name=resnet1")
+    with pytest.raises(ConfigError, match="close names: .*resnet18") as raised:
+        instantiate(cfg.model, "model", num_classes=10, in_chans=1)
+    assert raised.value.setting == "model.name"

@@ -1,0 +1,188 @@
+"""Policies against torch's own schedulers, and the properties every policy must have."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clrx.errors import ConfigError
+from clrx.optim import applied_momentum, apply_hyper, momentum_name
+from clrx.policies import CYCLIC_MODES, Cyclic, Fixed, Hyper, OneCycle
+
+
+def _sgd() -> torch.optim.SGD:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
+
+
+def _trace(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[Hyper]:
+    """What the torch scheduler applies before each of ``steps`` optimizer steps."""
+    optimizer = scheduler.optimizer
+    values = []
+    for _ in range(steps):
+        values.append(Hyper(optimizer.param_groups[0]["lr"], applied_momentum(optimizer)))
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def _assert_same(policy, oracle: list[Hyper], scale: float, momentum: bool) -> None:
+    for step, expected in enumerate(oracle):
+        got = policy(step)
+        assert math.isclose(got.lr, expected.lr, rel_tol=1e-9, abs_tol=1e-12 * scale), (step, got, expected)
+        if momentum:
+            assert math.isclose(got.momentum, expected.momentum, rel_tol=1e-9, abs_tol=1e-12), (step, got, expected)
+
+
+bounds = st.tuples(st.floats(1e-5, 1.0), st.floats(1.05, 100.0)).map(lambda t: (t[0], t[0] * t[1]))
+momenta = st.one_of(st.none(), st.tuples(st.floats(0.5, 0.9), st.floats(0.0, 0.09)).map(lambda t: (t[0], t[0] + t[1])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lrs=bounds,
+    stepsize=st.integers(1, 40),
+    cycles=st.floats(0.5, 4.5),
+    mode=st.sampled_from(CYCLIC_MODES),
+    gamma=st.floats(0.9, 0.99999),
+    momentum=momenta,
+)
+def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momentum):
+    base_lr, max_lr = lrs
+    gamma = gamma if mode == "exp_range" else 1.0
+    base_m, max_m = momentum or (None, None)
+    policy = Cyclic(base_lr, max_lr, stepsize, mode, gamma, base_m, max_m)
+    oracle = torch.optim.lr_scheduler.CyclicLR(
+        _sgd(),
+        base_lr=base_lr,
+        max_lr=max_lr,
+        step_size_up=stepsize,
+        mode=mode,
+        gamma=gamma,
+        cycle_momentum=momentum is not None,
+        base_momentum=base_m or 0.8,
+        max_momentum=max_m or 0.9,
+    )
+    _assert_same(policy, _trace(oracle, int(cycles * 2 * stepsize) + 1), max_lr, momentum is not None)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lrs=bounds,
+    total_steps=st.integers(2, 400),
+    annihilate_pct=st.floats(0.01, 0.5),
+    final_div=st.floats(1.0, 1e4),
+    momentum=momenta,
+)
+def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, annihilate_pct, final_div, momentum):
+    """clrx's one-cycle is torch's linear three-phase OneCycleLR, parametrized differently.
+
+    Deliberate differences, mapped here: clrx gives both bounds (torch: max_lr and div_factor)
+    and places the cycle by the share of the run left for annihilation, splitting the
+    ``total_steps - 1`` intervals exactly; torch ends its phases at ``pct_start * T - 1`` and
+    ``2 * pct_start * T - 2``. With ``pct_start = (half + 1) / T`` the phases coincide.
+    torch cannot express ``annihilate_pct=0`` (an empty third phase divides by zero); clrx then
+    ends the run at ``base_lr``, checked in ``test_one_cycle_shape_follows_the_paper``.
+    """
+    base_lr, max_lr = lrs
+    base_m, max_m = momentum or (None, None)
+    policy = OneCycle(base_lr, max_lr, total_steps, annihilate_pct, final_div, base_m, max_m)
+    oracle = torch.optim.lr_scheduler.OneCycleLR(
+        _sgd(),
+        max_lr=max_lr,
+        total_steps=total_steps,
+        pct_start=(policy.half_cycle + 1) / total_steps,
+        anneal_strategy="linear",
+        three_phase=True,
+        div_factor=max_lr / base_lr,
+        final_div_factor=final_div,
+        cycle_momentum=momentum is not None,
+        base_momentum=base_m or 0.85,
+        max_momentum=max_m or 0.95,
+    )
+    _assert_same(policy, _trace(oracle, total_steps), max_lr, momentum is not None)
+
+
+def test_one_cycle_shape_follows_the_paper():
+    policy = OneCycle(base_lr=0.08, max_lr=0.8, total_steps=1001, annihilate_pct=0.1, final_div=100)
+    assert policy(0) == Hyper(0.08, 0.95)
+    assert policy(450).lr == pytest.approx(0.8) and policy(450).momentum == pytest.approx(0.85)
+    assert policy(900).lr == pytest.approx(0.08) and policy(900).momentum == pytest.approx(0.95)
+    assert policy(950).lr == pytest.approx((0.08 + 0.0008) / 2) and policy(950).momentum == 0.95
+    assert policy(1000).lr == pytest.approx(0.0008)
+    no_annihilation = OneCycle(base_lr=0.08, max_lr=0.8, total_steps=101, annihilate_pct=0.0)
+    assert no_annihilation(50).lr == pytest.approx(0.8) and no_annihilation(100).lr == pytest.approx(0.08)
+
+
+def test_paper_formula_examples():
+    """Values computed by hand from the paper's formula (arXiv 1506.01186, section 3.1)."""
+    tri2 = Cyclic(0.001, 0.005, stepsize=2000, mode="triangular2")
+    assert [tri2(k).lr for k in (0, 1000, 2000, 4000, 6000, 10000)] == pytest.approx(
+        [0.001, 0.003, 0.005, 0.001, 0.003, 0.002]
+    )
+    exp = Cyclic(0.001, 0.006, stepsize=2000, mode="exp_range", gamma=0.99994)
+    assert exp(2000).lr == pytest.approx(0.001 + 0.005 * 0.99994**2000)
+
+
+POLICIES = {
+    "fixed": Fixed(lr=0.1),
+    "fixed_momentum": Fixed(lr=0.1, momentum=0.9),
+    "triangular": Cyclic(0.01, 0.1, stepsize=7),
+    "triangular2": Cyclic(0.01, 0.1, stepsize=7, mode="triangular2", base_momentum=0.85, max_momentum=0.95),
+    "exp_range": Cyclic(0.01, 0.1, stepsize=7, mode="exp_range", gamma=0.99),
+    "one_cycle": OneCycle(0.01, 0.1, total_steps=50),
+    "one_cycle_no_momentum": OneCycle(0.01, 0.1, total_steps=50, base_momentum=None, max_momentum=None),
+}
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_policy_is_a_pure_bounded_function_of_the_step(name):
+    policy = POLICIES[name]
+    forward = [policy(step) for step in range(60)]
+    backward = [policy(step) for step in reversed(range(60))][::-1]
+    assert forward == backward  # no hidden state: order of calls does not matter
+    top = getattr(policy, "max_lr", getattr(policy, "lr", None))
+    for hyper in forward:
+        assert 0 < hyper.lr <= top * (1 + 1e-12)
+        assert hyper.momentum is None or 0 <= hyper.momentum < 1
+    assert hash(policy) == hash(type(policy)(**vars(policy)))  # frozen, comparable, picklable values
+
+
+@pytest.mark.parametrize(
+    "make, setting",
+    [
+        (lambda: Cyclic(0.1, 0.1, 5), "base_lr"),
+        (lambda: Cyclic(0.5, 0.1, 5), "base_lr"),
+        (lambda: Cyclic(-1.0, 0.1, 5), "base_lr"),
+        (lambda: Cyclic(0.01, 0.1, 0), "stepsize"),
+        (lambda: Cyclic(0.01, 0.1, 2.5), "stepsize"),
+        (lambda: Cyclic(0.01, 0.1, 5, mode="square"), "mode"),
+        (lambda: Cyclic(0.01, 0.1, 5, gamma=0.9), "gamma"),
+        (lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8), "base_momentum"),
+        (lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8, max_momentum=1.0), "max_momentum"),
+        (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=1.0), "annihilate_pct"),
+        (lambda: OneCycle(0.01, 0.1, 100, final_div=0.5), "final_div"),
+        (lambda: OneCycle(0.01, 0.1, 100, base_momentum=0.99), "base_momentum"),
+        (lambda: Fixed(float("nan")), "lr"),
+        (lambda: Fixed(0.1, momentum=-0.1), "momentum"),
+    ],
+)
+def test_bad_values_name_the_setting(make, setting):
+    with pytest.raises(ConfigError) as raised:
+        make()
+    assert raised.value.setting == setting
+
+
+def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    sgd = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.1}], lr=1.0, momentum=0.9)
+    apply_hyper(sgd, Hyper(0.5, 0.85))
+    assert [g["lr"] for g in sgd.param_groups] == pytest.approx([0.5, 0.05])
+    assert [g["momentum"] for g in sgd.param_groups] == [0.85, 0.85]
+    adam = torch.optim.Adam(params, lr=1.0, betas=(0.9, 0.99))
+    apply_hyper(adam, Hyper(0.01, 0.85))
+    assert adam.param_groups[0]["betas"] == (0.85, 0.99)
+    assert momentum_name(adam) == "beta1" and momentum_name(sgd) == "momentum"
+    apply_hyper(adam, Hyper(0.02))  # no momentum: leave beta1 alone
+    assert adam.param_groups[0]["betas"] == (0.85, 0.99) and adam.param_groups[0]["lr"] == 0.02
