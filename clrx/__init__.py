@@ -1,6 +1,23 @@
 """clrx: Leslie Smith's learning-rate methodology for timm models, tracked in MLflow."""
 
-from clrx.policies import Cyclic, Fixed, Hyper, OneCycle, Policy
+from clrx.policies import Cyclic, Decay, Exp, Fixed, Hyper, LRRange, OneCycle, Policy, Stages
+from clrx.range_test import Curve, Suggestion, lr_range_test, suggest
+from clrx.scheduler import PolicyScheduler
 
-__all__ = ["Cyclic", "Fixed", "Hyper", "OneCycle", "Policy"]
+__all__ = [
+    "Curve",
+    "Cyclic",
+    "Decay",
+    "Exp",
+    "Fixed",
+    "Hyper",
+    "LRRange",
+    "OneCycle",
+    "Policy",
+    "PolicyScheduler",
+    "Stages",
+    "Suggestion",
+    "lr_range_test",
+    "suggest",
+]
 __version__ = "0.1.0"

@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from clrx.config import register
 from clrx.errors import ClrxError, TrainingDiverged
-from clrx.train import train
+from clrx.range_test import bounds
+from clrx.train import Result, train
 
 log = logging.getLogger("clrx")
 register()
@@ -31,24 +32,38 @@ CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `p
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
-def app(cfg: DictConfig) -> float:
+def app(cfg: DictConfig) -> float | None:
     runtime = HydraConfig.get().runtime
     tags = {f"clrx.{group}": str(choice) for group, choice in runtime.choices.items() if "/" not in group}
     try:
         result = train(cfg, Path(runtime.output_dir), tags)
     except ClrxError as error:
         _exit(str(error), 1 if isinstance(error, TrainingDiverged) else 2)
-    log.info(
-        "finished %d steps in %.1fs: val_acc %.4f (best %.4f), val_loss %.4f",
-        result.steps,
-        result.seconds,
-        result.val_acc,
-        result.best_val_acc,
-        result.val_loss,
-    )
+    if result is None:  # dry run
+        return None
+    if result.suggestions is not None:
+        _report_range_test(result, cfg.policy)
+    else:
+        log.info(
+            "finished %d steps in %.1fs: val_acc %.4f (best %.4f), val_loss %.4f",
+            result.steps,
+            result.seconds,
+            result.val_acc,
+            result.best_val_acc,
+            result.val_loss,
+        )
     log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
     log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
-    return result.val_acc
+    return result.val_acc if result.suggestions is None else result.suggestions[cfg.policy.rule].max_lr
+
+
+def _report_range_test(result: Result, node: DictConfig) -> None:
+    log.info("range test: %d steps in %.1fs; suggestions:", result.steps, result.seconds)
+    for rule, suggestion in result.suggestions.items():
+        base = "" if suggestion.base_lr is None else f"base_lr {suggestion.base_lr:.3g}, "
+        log.info("  %-10s %smax_lr %.3g  (%s)", rule, base, suggestion.max_lr, suggestion.why)
+    base_lr, max_lr = bounds(result.suggestions, node.rule, node.div)
+    log.info("by rule %s: policy.base_lr=%.3g policy.max_lr=%.3g", node.rule, base_lr, max_lr)
 
 
 def _exit(message: str, status: int) -> NoReturn:

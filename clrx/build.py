@@ -67,17 +67,45 @@ def _runtime_owner(key: str) -> str:
     return "the policy sets it each step" if key == "lr" else "derived from the dataset and run"
 
 
-def build_policy(node: DictConfig, steps_per_epoch: int, total_steps: int) -> Policy:
-    """The configured policy, with ``stepsize_epochs`` turned into optimizer steps."""
-    settings = OmegaConf.to_container(node, resolve=True)
-    epochs = settings.pop("stepsize_epochs", None)
-    if epochs is not None:
-        if settings.get("stepsize") is not None:
-            raise ConfigError("policy.stepsize", "give stepsize or stepsize_epochs, not both")
-        if not (isinstance(epochs, (int, float)) and epochs > 0):
-            raise ConfigError("policy.stepsize_epochs", f"must be a positive number, got {epochs!r}")
-        settings["stepsize"] = max(1, round(epochs * steps_per_epoch))
-    return instantiate(settings, "policy", defaults={"total_steps": total_steps})
+def _epochs_to_steps(settings: dict[str, Any], name: str, in_epochs: str, group: str, steps_per_epoch: int) -> None:
+    """Replace the length ``in_epochs`` by ``name`` in optimizer steps (at least one)."""
+    epochs = settings.pop(in_epochs, None)
+    if epochs is None:
+        return
+    if settings.get(name) is not None:
+        raise ConfigError(f"{group}.{name}", f"give {name} or {in_epochs}, not both")
+    if not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0):
+        raise ConfigError(f"{group}.{in_epochs}", f"must be a positive number, got {epochs!r}")
+    settings[name] = max(1, round(epochs * steps_per_epoch))
+
+
+def build_policy(
+    node: DictConfig | dict[str, Any], steps_per_epoch: int, total_steps: int, group: str = "policy"
+) -> Policy:
+    """The configured policy; lengths given in epochs become optimizer steps.
+
+    A node with ``stages`` builds each stage's policy for that stage's length (``steps`` or
+    ``epochs``; the last stage's length defaults to the rest of the run).
+    """
+    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    if "stages" not in settings:
+        _epochs_to_steps(settings, "stepsize", "stepsize_epochs", group, steps_per_epoch)
+        return instantiate(settings, group, defaults={"total_steps": total_steps, "num_iter": total_steps})
+    stages, start = [], 0
+    entries = settings["stages"] or []
+    for index, stage in enumerate(entries):
+        key, stage = f"{group}.stages[{index}]", dict(stage)
+        unknown = set(stage) - {"steps", "epochs", "policy"}
+        if unknown:
+            raise ConfigError(f"{key}.{min(unknown)}", "is not a stage setting; settings: steps, epochs, policy")
+        _epochs_to_steps(stage, "steps", "epochs", key, steps_per_epoch)
+        if stage.get("steps") is None and index == len(entries) - 1:
+            stage["steps"] = max(1, total_steps - start)
+        if not isinstance(stage.get("policy"), dict):
+            raise ConfigError(f"{key}.policy", "each stage needs a policy node with a _target_")
+        stages.append((stage["steps"], build_policy(stage["policy"], steps_per_epoch, stage["steps"], f"{key}.policy")))
+        start += stage["steps"] if isinstance(stage["steps"], int) else 0
+    return instantiate({"_target_": settings["_target_"]}, group, stages=tuple(stages))
 
 
 def build_optimizer(node: DictConfig, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

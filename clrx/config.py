@@ -27,6 +27,7 @@ class TrainerConfig:
     precision: str = "no"
     progress: bool = True
     save_model: bool = True
+    dry_run: bool = False  # print and plot the schedule, train nothing
 
 
 @dataclass

@@ -11,11 +11,11 @@ def schedule_figure(
     steps: Sequence[int],
     lrs: Sequence[float],
     momenta: Sequence[float | None],
-    losses: Sequence[float],
+    losses: Sequence[float] | None,
     momentum_name: str | None,
 ) -> Figure:
-    """LR, momentum (or beta1) and training loss against the optimizer step, one panel each."""
-    panels = [("lr", lrs), (momentum_name or "momentum", momenta), ("train_loss", losses)]
+    """LR, momentum (or beta1) and, after training, the loss against the optimizer step."""
+    panels = [("lr", lrs), (momentum_name or "momentum", momenta)] + ([("train_loss", losses)] if losses else [])
     figure = Figure(figsize=(8, 7), layout="constrained")
     axes = figure.subplots(len(panels), 1, sharex=True)
     for ax, (label, values) in zip(axes, panels, strict=True):

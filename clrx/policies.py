@@ -18,6 +18,15 @@ from typing import Protocol
 from clrx.errors import ConfigError
 
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
+RANGE_MODES = ("linear", "exp")
+RANGE_RULES = ("paper", "steepest", "minimum/10", "valley")
+
+# Shape of a cycle's rise, 1 at the peak (x = 0) and 0 at the bounds (x = 1): the paper's three windows.
+WINDOWS = {
+    "triangular": lambda x: 1 - x,
+    "welch": lambda x: 1 - x * x,
+    "hann": lambda x: (1 + math.cos(math.pi * x)) / 2,
+}
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,11 @@ class Fixed:
 class Cyclic:
     """Smith's cyclical learning rate (arXiv 1506.01186): a triangle between the bounds.
 
-    ``stepsize`` is half a cycle in optimizer steps. ``triangular2`` halves the amplitude after
-    each cycle; ``exp_range`` scales it by ``gamma ** step``. With both momentum bounds set,
-    momentum cycles the opposite way, scaled the same way (as torch's ``CyclicLR`` does).
+    ``stepsize`` is half a cycle in optimizer steps. ``mode`` names the paper's amplitude rules:
+    ``triangular2`` halves the amplitude after each cycle, ``exp_range`` scales it by
+    ``gamma ** step``. ``window`` shapes the cycle: linear, Welch (parabolic) or Hann
+    (sinusoidal), all with the same bounds and period. With both momentum bounds set, momentum
+    cycles the opposite way, scaled the same way (as torch's ``CyclicLR`` does).
     """
 
     base_lr: float
@@ -118,6 +129,7 @@ class Cyclic:
     gamma: float = 1.0
     base_momentum: float | None = None
     max_momentum: float | None = None
+    window: str = "triangular"
 
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
@@ -138,6 +150,7 @@ class Cyclic:
             f"only applies to mode exp_range, not {self.mode}",
         )
         _check_momentum_cycle(self.base_momentum, self.max_momentum)
+        _require(self.window in WINDOWS, "window", f"must be one of {', '.join(WINDOWS)}, got {self.window!r}")
 
     def _amplitude(self, step: int, cycle: int) -> float:
         if self.mode == "triangular2":
@@ -149,7 +162,7 @@ class Cyclic:
     def __call__(self, step: int) -> Hyper:
         cycle = math.floor(1 + step / (2 * self.stepsize))
         x = abs(step / self.stepsize - 2 * cycle + 1)
-        height = max(0.0, 1 - x) * self._amplitude(step, cycle)
+        height = WINDOWS[self.window](min(x, 1.0)) * self._amplitude(step, cycle)
         lr = self.base_lr + (self.max_lr - self.base_lr) * height
         if self.max_momentum is None:
             return Hyper(lr)
@@ -207,3 +220,112 @@ class OneCycle:
             pct = 1.0 if step >= last else (step - 2 * half) / (last - 2 * half)
             lrs, moms = (self.base_lr, self.base_lr / self.final_div), (top, top)
         return Hyper(_lerp(*lrs, pct), None if top is None else _lerp(*moms, pct))
+
+
+@dataclass(frozen=True)
+class Exp:
+    """The paper's exponential baseline: ``base_lr * gamma ** step``."""
+
+    base_lr: float
+    gamma: float = 0.9999
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_lr("base_lr", self.base_lr)
+        _require(_is_number(self.gamma) and 0 < self.gamma <= 1, "gamma", f"must be in (0, 1], got {self.gamma!r}")
+        _check_momentum("momentum", self.momentum)
+
+    def __call__(self, step: int) -> Hyper:
+        return Hyper(self.base_lr * self.gamma**step, self.momentum)
+
+
+@dataclass(frozen=True)
+class Decay:
+    """The paper's decay baseline: from ``max_lr`` linearly down to ``base_lr`` over ``stepsize``, then flat."""
+
+    base_lr: float
+    max_lr: float
+    stepsize: int
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.base_lr, self.max_lr)
+        _check_steps("stepsize", self.stepsize)
+        _check_momentum("momentum", self.momentum)
+
+    def __call__(self, step: int) -> Hyper:
+        return Hyper(_lerp(self.max_lr, self.base_lr, min(1.0, step / self.stepsize)), self.momentum)
+
+
+@dataclass(frozen=True)
+class LRRange:
+    """The LR range test's schedule: ``min_lr`` to ``max_lr`` over ``num_iter`` steps.
+
+    ``linear`` as in Smith's paper, ``exp`` (``min_lr * (max_lr/min_lr) ** pct``) as in fastai.
+    ``beta`` smooths the loss (bias-corrected moving average); the test stops once the smoothed
+    loss exceeds ``stop_factor`` times its minimum. ``val_every`` > 0 also measures validation
+    accuracy every that many steps, the curve the paper reads its bounds from. ``rule`` picks the
+    suggestion turned into bounds; rules without a lower bound use ``max_lr / div``.
+    """
+
+    min_lr: float
+    max_lr: float
+    num_iter: int
+    mode: str = "linear"
+    momentum: float | None = None
+    beta: float = 0.98
+    stop_factor: float = 4.0
+    val_every: int = 0
+    rule: str = "minimum/10"
+    div: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_lr("min_lr", self.min_lr)
+        _check_lr("max_lr", self.max_lr)
+        _require(self.min_lr < self.max_lr, "min_lr", f"must be below max_lr, got {self.min_lr} >= {self.max_lr}")
+        _check_steps("num_iter", self.num_iter)
+        _require(self.num_iter >= 2, "num_iter", f"must be at least 2, got {self.num_iter}")
+        _require(self.mode in RANGE_MODES, "mode", f"must be one of {', '.join(RANGE_MODES)}, got {self.mode!r}")
+        _check_momentum("momentum", self.momentum)
+        _require(_is_number(self.beta) and 0 <= self.beta < 1, "beta", f"must be in [0, 1), got {self.beta!r}")
+        _require(
+            _is_number(self.stop_factor) and self.stop_factor > 1,
+            "stop_factor",
+            f"must be a number above 1, got {self.stop_factor!r}",
+        )
+        _require(
+            isinstance(self.val_every, int) and self.val_every >= 0,
+            "val_every",
+            f"must be a whole number >= 0 (0: off), got {self.val_every!r}",
+        )
+        _require(self.rule in RANGE_RULES, "rule", f"must be one of {', '.join(RANGE_RULES)}, got {self.rule!r}")
+        _require(_is_number(self.div) and self.div > 1, "div", f"must be a number above 1, got {self.div!r}")
+
+    def __call__(self, step: int) -> Hyper:
+        pct = min(1.0, step / (self.num_iter - 1))
+        if self.mode == "exp":
+            return Hyper(self.min_lr * (self.max_lr / self.min_lr) ** pct, self.momentum)
+        return Hyper(_lerp(self.min_lr, self.max_lr, pct), self.momentum)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Policies one after another, each counting its own steps from 0 (the paper's Table 2).
+
+    ``stages`` holds ``(steps, policy)`` pairs; the last stage runs on for as long as training does.
+    """
+
+    stages: tuple[tuple[int, Policy], ...]
+
+    def __post_init__(self) -> None:
+        _require(len(self.stages) > 0, "stages", "needs at least one stage")
+        for index, (steps, _) in enumerate(self.stages):
+            _check_steps(f"stages[{index}].steps", steps)
+
+    def __call__(self, step: int) -> Hyper:
+        start = 0
+        for steps, policy in self.stages[:-1]:
+            if step < start + steps:
+                return policy(step - start)
+            start += steps
+        return self.stages[-1][1](step - start)

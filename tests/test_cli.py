@@ -72,7 +72,7 @@ def test_adam_cycles_beta1(tmp_path, store):
 BAD_INPUT = [
     (["policy.base_lr=0.9"], "policy.base_lr"),
     (["policy=triangular", "policy.stepsize=0", "policy.stepsize_epochs=null"], "policy.stepsize"),
-    (["policy=cosine"], "choose one of: exp_range, fixed, one_cycle, triangular, triangular2"),
+    (["policy=cosine"], "choose one of: decay, exp, exp_range, fixed, hann, multistage, one_cycle, range_test, "),
     (["model.name=resnet1"], "close names: resnet18"),
     (["policy.max_momentum=1.2"], "policy.max_momentum"),
     (["optimizer.momentum=1.5"], "optimizer.momentum"),
