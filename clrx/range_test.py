@@ -162,8 +162,9 @@ def suggest(curve: Curve) -> dict[str, Suggestion]:
     ``minimum/10`` and ``valley`` need only the loss.
     """
     count = len(curve.smoothed)
-    lowest = min(range(count), key=lambda i: curve.smoothed[i])
-    usable = range(min(int(count * SKIP_START), max(lowest - 1, 0)), lowest + 1)
+    skip = int(count * SKIP_START) if count >= 10 else 0
+    lowest = min(range(skip, count), key=lambda i: curve.smoothed[i])
+    usable = range(skip, lowest + 1)
     x = [math.log(lr) if curve.mode == "exp" else lr for lr in curve.lrs]
     slopes = {
         i: (curve.smoothed[i + 1] - curve.smoothed[i - 1]) / (x[i + 1] - x[i - 1])

@@ -44,9 +44,12 @@ def main_in_process(*args: str, monkeypatch, capsys) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["clrx", *args])
     monkeypatch.setenv("CI", "true")
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    with pytest.raises(SystemExit) as exited:
+    try:
         clrx_main()
-    return exited.value.code, capsys.readouterr().err
+        status = 0
+    except SystemExit as exited:
+        status = exited.code
+    return status, capsys.readouterr().err
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -120,3 +120,21 @@ def test_a_diverging_run_stops_and_is_marked_failed_with_the_reason(tmp_path, st
     assert len(lines) == 1 and "loss became" in lines[0], done.stderr
     [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
     assert run.info.status == "FAILED" and "loss became" in run.data.tags["clrx.failure"]
+
+
+def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+    status, _ = main_in_process(
+        "policy=triangular2",
+        "policy.stepsize_epochs=1",
+        "trainer.dry_run=true",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path}/run",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    assert status == 0 and (tmp_path / "run" / "schedule_preview.png").stat().st_size > 0
+    log = (tmp_path / "run" / "__main__.log").read_text()
+    assert f"dry run: {8 * STEPS_PER_EPOCH} steps ({STEPS_PER_EPOCH} per epoch)" in log
+    assert "step     17  epoch   0.77  lr 0.3977  momentum 0.9" in log  # rising to the first peak; SGD keeps 0.9
+    assert _no_runs(client) and not (tmp_path / "run" / "model.pt").exists()

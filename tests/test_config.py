@@ -39,6 +39,13 @@ def test_stepsize_in_epochs_becomes_optimizer_steps():
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).stepsize == 7
 
 
+def test_stages_take_their_lengths_in_epochs_and_the_last_runs_to_the_end():
+    cfg = compose_config("policy=multistage")
+    policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=264)
+    assert [steps for steps, _ in policy.stages] == [176, 44, 44]
+    assert [stage.stepsize for _, stage in policy.stages] == [22, 11, 6]
+
+
 def test_one_cycle_spans_the_run_unless_told_otherwise():
     cfg = compose_config("policy=one_cycle")
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 176
@@ -54,6 +61,8 @@ def test_one_cycle_spans_the_run_unless_told_otherwise():
         (["+policy.warmup=3"], "policy.warmup"),
         (["policy._target_=clrx.policies.Nope"], "policy._target_"),
         (["policy.max_lr=0.01"], "policy.base_lr"),
+        (["policy=multistage", "+policy.stages.0.length=3"], "policy.stages[0].length"),
+        (["policy=multistage", "policy.stages.1.policy.base_lr=1.0"], "policy.stages[1].policy.base_lr"),
     ],
 )
 def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):

@@ -1,6 +1,7 @@
 """Policies against torch's own schedulers, and the properties every policy must have."""
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from hypothesis import strategies as st
 
 from clrx.errors import ConfigError
 from clrx.optim import applied_momentum, apply_hyper, momentum_name
-from clrx.policies import CYCLIC_MODES, Cyclic, Fixed, Hyper, OneCycle
+from clrx.policies import CYCLIC_MODES, Cyclic, Decay, Exp, Fixed, Hyper, LRRange, OneCycle, Stages
+from clrx.scheduler import PolicyScheduler
 
 
 def _sgd() -> torch.optim.SGD:
@@ -125,28 +127,85 @@ def test_paper_formula_examples():
     assert exp(2000).lr == pytest.approx(0.001 + 0.005 * 0.99994**2000)
 
 
-POLICIES = {
-    "fixed": Fixed(lr=0.1),
-    "fixed_momentum": Fixed(lr=0.1, momentum=0.9),
-    "triangular": Cyclic(0.01, 0.1, stepsize=7),
-    "triangular2": Cyclic(0.01, 0.1, stepsize=7, mode="triangular2", base_momentum=0.85, max_momentum=0.95),
-    "exp_range": Cyclic(0.01, 0.1, stepsize=7, mode="exp_range", gamma=0.99),
-    "one_cycle": OneCycle(0.01, 0.1, total_steps=50),
-    "one_cycle_no_momentum": OneCycle(0.01, 0.1, total_steps=50, base_momentum=None, max_momentum=None),
+POLICIES = {  # every policy, and the highest LR it may apply
+    "fixed": (Fixed(lr=0.1), 0.1),
+    "fixed_momentum": (Fixed(lr=0.1, momentum=0.9), 0.1),
+    "triangular": (Cyclic(0.01, 0.1, stepsize=7), 0.1),
+    "triangular2": (Cyclic(0.01, 0.1, stepsize=7, mode="triangular2", base_momentum=0.85, max_momentum=0.95), 0.1),
+    "exp_range": (Cyclic(0.01, 0.1, stepsize=7, mode="exp_range", gamma=0.99), 0.1),
+    "welch": (Cyclic(0.01, 0.1, stepsize=7, window="welch"), 0.1),
+    "hann": (Cyclic(0.01, 0.1, stepsize=7, window="hann", mode="triangular2"), 0.1),
+    "exp": (Exp(0.1, gamma=0.95), 0.1),
+    "decay": (Decay(0.01, 0.1, stepsize=20), 0.1),
+    "one_cycle": (OneCycle(0.01, 0.1, total_steps=50), 0.1),
+    "one_cycle_no_momentum": (OneCycle(0.01, 0.1, total_steps=50, base_momentum=None, max_momentum=None), 0.1),
+    "range_test_linear": (LRRange(1e-4, 1.0, num_iter=50), 1.0),
+    "range_test_exp": (LRRange(1e-4, 1.0, num_iter=50, mode="exp"), 1.0),
+    "stages": (Stages(((20, Cyclic(0.01, 0.1, 5, "triangular2")), (10, Fixed(0.001)), (5, Decay(1e-4, 1e-3, 5)))), 0.1),
 }
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_every_policy_is_a_pure_bounded_function_of_the_step(name):
-    policy = POLICIES[name]
+    policy, top = POLICIES[name]
     forward = [policy(step) for step in range(60)]
     backward = [policy(step) for step in reversed(range(60))][::-1]
     assert forward == backward  # no hidden state: order of calls does not matter
-    top = getattr(policy, "max_lr", getattr(policy, "lr", None))
     for hyper in forward:
         assert 0 < hyper.lr <= top * (1 + 1e-12)
         assert hyper.momentum is None or 0 <= hyper.momentum < 1
-    assert hash(policy) == hash(type(policy)(**vars(policy)))  # frozen, comparable, picklable values
+    assert pickle.loads(pickle.dumps(policy)) == policy
+
+
+def test_windows_share_bounds_and_period_and_differ_in_between():
+    shapes = {w: Cyclic(0.1, 1.0, stepsize=10, window=w) for w in ("triangular", "welch", "hann")}
+    for step in (0, 10, 20, 30, 40):
+        assert len({round(p(step).lr, 12) for p in shapes.values()}) == 1  # same at the bounds
+    assert [shapes["welch"](k).lr for k in range(40)] == pytest.approx([shapes["welch"](k + 20).lr for k in range(40)])
+    quarter = {w: p(5).lr for w, p in shapes.items()}  # halfway up: x = 0.5
+    assert quarter["triangular"] == pytest.approx(0.55)  # 1 - x
+    assert quarter["welch"] == pytest.approx(0.1 + 0.9 * 0.75)  # 1 - x^2
+    assert quarter["hann"] == pytest.approx(0.55)  # (1 + cos(pi x)) / 2
+    assert shapes["hann"](2).lr < shapes["triangular"](2).lr < shapes["welch"](2).lr
+
+
+def test_baselines_and_stages_follow_the_paper():
+    assert Exp(0.1, gamma=0.9)(3).lr == pytest.approx(0.1 * 0.9**3)
+    decay = Decay(0.001, 0.006, stepsize=100)
+    assert [decay(k).lr for k in (0, 50, 100, 1000)] == pytest.approx([0.006, 0.0035, 0.001, 0.001])
+    table2 = Stages(  # CIFAR-10, Table 2: triangular2 with bounds and stepsize shrinking per stage
+        (
+            (16000, Cyclic(0.001, 0.005, 2000, "triangular2")),
+            (6000, Cyclic(0.0001, 0.0005, 1000, "triangular2")),
+            (3000, Cyclic(0.00001, 0.00005, 500, "triangular2")),
+        )
+    )
+    assert [table2(k).lr for k in (0, 2000, 16000, 17000, 22000, 22500, 25000)] == pytest.approx(
+        [0.001, 0.005, 0.0001, 0.0005, 0.00001, 0.00005, 0.00001]
+    )
+    linear, exp = LRRange(0.01, 1.0, 101), LRRange(0.01, 1.0, 101, mode="exp")
+    assert linear(50).lr == pytest.approx(0.505) and exp(50).lr == pytest.approx(0.1)
+    assert linear(100).lr == pytest.approx(1.0) and exp(100).lr == pytest.approx(1.0)
+
+
+def test_scheduler_applies_the_policy_and_resumes_from_its_state_dict(tmp_path):
+    policy = OneCycle(0.01, 0.1, total_steps=40)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = PolicyScheduler(optimizer, policy)
+    seen = []
+    for _ in range(15):
+        seen.append(Hyper(optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]))
+        optimizer.step()
+        scheduler.step()
+    assert seen == [policy(k) for k in range(15)]
+    torch.save(scheduler.state_dict(), tmp_path / "scheduler.pt")
+
+    fresh = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed = PolicyScheduler(fresh, Fixed(0.5))
+    resumed.load_state_dict(torch.load(tmp_path / "scheduler.pt", weights_only=False))
+    resumed.step()  # steps 15 onward continue the same schedule
+    assert resumed.policy == policy and resumed.get_last_lr() == [pytest.approx(policy(16).lr)]
+    assert pickle.loads(pickle.dumps(scheduler)).last_epoch == 15
 
 
 @pytest.mark.parametrize(
@@ -166,6 +225,14 @@ def test_every_policy_is_a_pure_bounded_function_of_the_step(name):
         (lambda: OneCycle(0.01, 0.1, 100, base_momentum=0.99), "base_momentum"),
         (lambda: Fixed(float("nan")), "lr"),
         (lambda: Fixed(0.1, momentum=-0.1), "momentum"),
+        (lambda: Cyclic(0.01, 0.1, 5, window="cosine"), "window"),
+        (lambda: LRRange(1.0, 0.1, 100), "min_lr"),
+        (lambda: LRRange(1e-3, 1.0, 0), "num_iter"),
+        (lambda: LRRange(1e-3, 1.0, 100, mode="cubic"), "mode"),
+        (lambda: LRRange(1e-3, 1.0, 100, rule="best"), "rule"),
+        (lambda: Decay(0.1, 0.01, 5), "base_lr"),
+        (lambda: Exp(0.1, gamma=1.5), "gamma"),
+        (lambda: Stages(()), "stages"),
     ],
 )
 def test_bad_values_name_the_setting(make, setting):
