@@ -1,14 +1,19 @@
 """MLflow tracking that never makes a training step wait.
 
-Per-step values are buffered in memory and handed to MLflow's asynchronous ``log_batch`` in
-chunks of up to 1000 metrics; ``finish`` waits for every chunk before closing the run, so after a
-run the store holds exactly the points that were recorded.
+Per-step values are buffered in memory and handed, in chunks of up to 1000 metrics, to a writer
+thread that calls ``log_batch``; ``finish`` waits for every chunk before closing the run, so after
+a run the store holds exactly the points that were recorded. The writer runs at the lowest CPU
+priority: on a small machine, a store busy inserting rows must not take a core from the
+training step's own threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -88,13 +93,41 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
 
 
+class _Writer:
+    """A low-priority thread that writes metric chunks to the store in the order given."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.chunks: queue.Queue[list[Metric] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="clrx-mlflow-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # Linux sets a thread's own niceness; elsewhere, run as is
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while (chunk := self.chunks.get()) is not None:
+            try:
+                if self.error is None:
+                    self.client.log_batch(self.run_id, metrics=chunk)
+            except BaseException as error:  # reported by close(), on the training thread
+                self.error = error
+
+    def close(self) -> None:
+        """Write everything queued, stop, and raise what the thread met, if anything."""
+        self.chunks.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Tracker:
     """One MLflow run, written to in batches."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self._metrics: list[Metric] = []
-        self._pending: list[Any] = []
+        self._writer = _Writer(client, run_id)
 
     @property
     def uri(self) -> str:
@@ -110,10 +143,9 @@ class Tracker:
             self.metric(key, value, step)
 
     def flush(self) -> None:
-        """Hand buffered metrics to MLflow's background logger; returns without waiting."""
+        """Hand buffered metrics to the writer thread; returns without waiting."""
         for start in range(0, len(self._metrics), METRICS_PER_BATCH):
-            chunk = self._metrics[start : start + METRICS_PER_BATCH]
-            self._pending.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))
+            self._writer.chunks.put(self._metrics[start : start + METRICS_PER_BATCH])
         self._metrics = []
 
     def params(self, values: Mapping[str, str]) -> None:
@@ -136,12 +168,15 @@ class Tracker:
     def finish(self, status: str, reason: str | None = None) -> None:
         """Wait for every buffered point to land, then close the run with ``status``."""
         self.flush()
-        for operation in self._pending:
-            operation.wait()
-        self._pending = []
-        if reason:
-            self.tags({"clrx.failure": reason[:PARAM_VALUE_LIMIT]})
-        self.client.set_terminated(self.run_id, status)
+        try:
+            self._writer.close()
+        except Exception as error:
+            status, reason = "FAILED", f"writing metrics failed: {error}"
+            raise
+        finally:
+            if reason:
+                self.tags({"clrx.failure": reason[:PARAM_VALUE_LIMIT]})
+            self.client.set_terminated(self.run_id, status)
 
 
 @contextmanager
