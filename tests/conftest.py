@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 from clrx.__main__ import main as clrx_main
 from clrx.config import register
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
 register()
 
 

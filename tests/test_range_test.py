@@ -3,6 +3,9 @@
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from clrx.errors import ConfigError
 from clrx.policies import LRRange
 from clrx.range_test import Curve, bounds, lr_range_test, suggest
 from clrx.train import _Snapshot, auto_bounds, prepare, train
-from tests.conftest import compose_config, main_in_process
+from tests.conftest import ROOT, compose_config, main_in_process
 
 
 def _least_squares(curvature: float, dim: int = 20, seed: int = 0):
@@ -166,3 +169,30 @@ def test_diverging_at_once_is_a_config_error_naming_min_lr():
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     with pytest.raises(ConfigError, match="lower min_lr"):
         lr_range_test(model, loader, optimizer, LRRange(10.0, 100.0, 100), loss_fn=torch.nn.functional.mse_loss)
+
+
+def test_ranks_average_the_loss_and_agree_on_stop_and_suggestions(tmp_path):
+    """Two CPU processes see different batches; deciding on the rank-averaged loss, they still agree."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "helpers" / "ranked_range_test.py"),
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["world"] == 2 and first == second
+    assert first["steps"] < 80  # the divergence stop fired, at the same step on both ranks
+    csvs = [(tmp_path / f"rank{rank}" / "range_test.csv").read_text().splitlines() for rank in (0, 1)]
+    assert [row.split(",")[:4] for row in csvs[0]] == [row.split(",")[:4] for row in csvs[1]]

@@ -1,0 +1,47 @@
+"""One rank of a multi-process range test (run by torchrun); writes what this rank decided.
+
+ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 tests/helpers/ranked_range_test.py OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from clrx.build import build_policy
+from clrx.train import find_range, prepare
+from tests.conftest import compose_config
+
+
+class Untracked:
+    """Stands in for the MLflow run: this test is about what each rank decides."""
+
+    run_id, uri = "none", "none"
+
+    def metrics(self, values, step):
+        pass
+
+    def artifact(self, path, artifact_path=None):
+        pass
+
+    def figure(self, figure, artifact_file):
+        pass
+
+    def tags(self, values):
+        pass
+
+
+def main(out: Path) -> None:
+    cfg = compose_config("policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32")
+    session = prepare(cfg)
+    policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
+    result = find_range(session, policy, Untracked(), out / f"rank{session.accelerator.process_index}", "policy")
+    decided = {
+        "steps": result.steps,
+        "world": session.accelerator.num_processes,
+        "suggestions": {rule: [s.base_lr, s.max_lr] for rule, s in result.suggestions.items()},
+    }
+    (out / f"rank{session.accelerator.process_index}.json").write_text(json.dumps(decided))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
