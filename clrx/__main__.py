@@ -16,16 +16,20 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from clrx.config import register
 from clrx.errors import ClrxError, TrainingDiverged
 from clrx.range_test import bounds
+from clrx.sweep import parent_run_id, register_sweeps
+from clrx.tracking import default_uri, record_failed_job
 from clrx.train import Result, train
 
 log = logging.getLogger("clrx")
 register()
+register_sweeps()
 
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `python -m` and the script
@@ -33,12 +37,21 @@ CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `p
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    runtime = HydraConfig.get().runtime
-    tags = {f"clrx.{group}": str(choice) for group, choice in runtime.choices.items() if "/" not in group}
+    hydra_cfg = HydraConfig.get()
+    tags = {f"clrx.{group}": str(choice) for group, choice in hydra_cfg.runtime.choices.items() if "/" not in group}
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if in_sweep:
+        tags.update(_job_tags(hydra_cfg))
     try:
-        result = train(cfg, Path(runtime.output_dir), tags)
+        result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
     except ClrxError as error:
-        _exit(str(error), 1 if isinstance(error, TrainingDiverged) else 2)
+        if not in_sweep:
+            _exit(str(error), 1 if isinstance(error, TrainingDiverged) else 2)
+        # One failed job must not end the sweep: its run is FAILED and the summary says why.
+        log.error("job %s failed: %s", hydra_cfg.job.num, error)
+        if getattr(error, "run_id", None) is None:
+            record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
+        return None
     if result is None:  # dry run
         return None
     if result.suggestions is not None:
@@ -55,6 +68,18 @@ def app(cfg: DictConfig) -> float | None:
     log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
     log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
     return result.val_acc if result.suggestions is None else result.suggestions[cfg.policy.rule].max_lr
+
+
+def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
+    tags = {
+        "clrx.job": str(hydra_cfg.job.num),
+        "clrx.overrides": " ".join(hydra_cfg.overrides.task),
+        "mlflow.runName": f"job {hydra_cfg.job.num}",
+    }
+    parent = parent_run_id(hydra_cfg.sweep.dir)
+    if parent is not None:
+        tags["mlflow.parentRunId"] = parent
+    return tags
 
 
 def _report_range_test(result: Result, node: DictConfig) -> None:

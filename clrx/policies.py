@@ -265,7 +265,8 @@ class LRRange:
     ``beta`` smooths the loss (bias-corrected moving average); the test stops once the smoothed
     loss exceeds ``stop_factor`` times its minimum. ``val_every`` > 0 also measures validation
     accuracy every that many steps, the curve the paper reads its bounds from. ``rule`` picks the
-    suggestion turned into bounds; rules without a lower bound use ``max_lr / div``.
+    suggestion turned into bounds; rules without a lower bound use ``max_lr / div``; ``scale``
+    multiplies both bounds (a grid of 0.5x, 1x, 2x the suggestion, say).
     """
 
     min_lr: float
@@ -278,6 +279,7 @@ class LRRange:
     val_every: int = 0
     rule: str = "minimum/10"
     div: float = 4.0
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_lr("min_lr", self.min_lr)
@@ -300,6 +302,7 @@ class LRRange:
         )
         _require(self.rule in RANGE_RULES, "rule", f"must be one of {', '.join(RANGE_RULES)}, got {self.rule!r}")
         _require(_is_number(self.div) and self.div > 1, "div", f"must be a number above 1, got {self.div!r}")
+        _require(_is_number(self.scale) and self.scale > 0, "scale", f"must be a positive number, got {self.scale!r}")
 
     def __call__(self, step: int) -> Hyper:
         pct = min(1.0, step / (self.num_iter - 1))

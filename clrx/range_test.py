@@ -182,10 +182,11 @@ def suggest(curve: Curve) -> dict[str, Suggestion]:
     return {rule: suggestion for rule, suggestion in found.items() if suggestion is not None}
 
 
-def bounds(suggestions: dict[str, Suggestion], rule: str, div: float) -> tuple[float, float]:
-    """(base_lr, max_lr) by ``rule``; rules without a lower bound use ``max_lr / div`` (paper: 3-4)."""
+def bounds(suggestions: dict[str, Suggestion], rule: str, div: float, scale: float = 1.0) -> tuple[float, float]:
+    """(base_lr, max_lr) by ``rule``, times ``scale``; rules without a lower bound use ``max_lr / div``."""
     chosen = suggestions[rule]
-    return (chosen.base_lr if chosen.base_lr is not None else chosen.max_lr / div), chosen.max_lr
+    base_lr = chosen.base_lr if chosen.base_lr is not None else chosen.max_lr / div
+    return base_lr * scale, chosen.max_lr * scale
 
 
 def range_figure(curve: Curve, suggestions: dict[str, Suggestion]) -> Figure:

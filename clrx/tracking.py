@@ -196,5 +196,13 @@ def tracked_run(
         raise
     except BaseException as error:
         tracker.finish("FAILED", f"{type(error).__name__}: {error}")
+        error.run_id = tracker.run_id  # lets a sweep tell a failed run from a job that never started one
         raise
     tracker.finish("FINISHED")
+
+
+def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str) -> None:
+    """A FAILED run for a sweep job that stopped before its run started, so the sweep reports it."""
+    client = open_store(uri)
+    run = client.create_run(experiment_id(client, experiment), tags={**tags, "clrx.failure": reason})
+    client.set_terminated(run.info.run_id, "FAILED")

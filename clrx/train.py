@@ -46,6 +46,9 @@ BOUNDS = ("base_lr", "max_lr")
 # The settings that decide a range test's outcome: equal keys, equal curves.
 RANGE_TEST_INPUTS = ("model", "dataset", "optimizer", "range_test")
 RANGE_TEST_TRAINER_INPUTS = ("batch_size", "seed", "precision")
+RANGE_TEST_READINGS = ("rule", "div", "scale")  # how bounds are read off the curve, not what shapes it
+# Not for the range-test run an automatic bound starts: it belongs to no sweep job of its own.
+JOB_TAGS = ("mlflow.parentRunId", "mlflow.runName", "clrx.job")
 log = logging.getLogger("clrx")
 
 
@@ -201,7 +204,7 @@ def fit(session: Session, policy: Policy, tracker: Tracker, output_dir: Path) ->
             tracker.metrics({"epoch": epoch, "train_loss_epoch": epoch_loss, **scores}, step)
     seconds = time.perf_counter() - start
     bar.close()
-    tracker.metrics({"best_val_acc": best, "train_seconds": seconds}, step)
+    tracker.metrics({"best_val_acc": best, "train_seconds": seconds, "steps": step}, step)
     figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
     tracker.figure(figure, "plots/schedule.png")
     if trainer.save_model:
@@ -273,17 +276,32 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
     )
 
 
-def _auto_keys(node: DictConfig) -> list[str]:
-    """The bounds set to ``auto``; ``auto`` anywhere else, or without both bounds, is an error."""
-    auto = [key for key, value in node.items() if value == AUTO]
-    for key in auto:
-        if key not in BOUNDS or not all(bound in node for bound in BOUNDS):
-            raise ConfigError(f"policy.{key}", "auto is only for base_lr and max_lr of a policy that has both bounds")
+def _auto_keys(node: DictConfig) -> dict[str, str]:
+    """The LR settings read from a range test, each with the bound it takes.
+
+    ``auto`` takes the bound of the same name (base_lr, max_lr); ``auto.base_lr`` or
+    ``auto.max_lr`` names it, so a fixed ``lr`` can sit at either end of the range.
+    """
+    named = {f"{AUTO}.{bound}": bound for bound in BOUNDS}
+    auto = {}
+    for key, value in node.items():
+        if value == AUTO and key in BOUNDS and all(bound in node for bound in BOUNDS):
+            auto[key] = key
+        elif value in named:
+            auto[key] = named[value]
+        elif value == AUTO:
+            raise ConfigError(
+                f"policy.{key}",
+                "auto is for base_lr and max_lr of a policy with both bounds; "
+                "elsewhere use auto.base_lr or auto.max_lr",
+            )
     return auto
 
 
 def _range_test_key(cfg: DictConfig) -> str:
     inputs = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in RANGE_TEST_INPUTS}
+    for reading in RANGE_TEST_READINGS:
+        inputs["range_test"].pop(reading, None)
     inputs["trainer"] = {name: cfg.trainer[name] for name in RANGE_TEST_TRAINER_INPUTS}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -355,7 +373,8 @@ def auto_bounds(
     cached = _cached_suggestions(client, cfg.tracking.experiment, key)
     if cached is None:
         snapshot = _Snapshot.take(session)
-        tags = {**run_tags, "clrx.range_test_key": key, "clrx.policy": "range_test"}
+        tags = {k: v for k, v in run_tags.items() if k not in JOB_TAGS}
+        tags.update({"clrx.range_test_key": key, "clrx.policy": "range_test"})
         with tracked_run(client, cfg.tracking.experiment, "range test", tags) as tracker:
             _log_config(tracker, cfg, output_dir)
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
@@ -366,23 +385,24 @@ def auto_bounds(
         raise ConfigError(
             "range_test.rule", f"{policy.rule!r} gave no suggestion here; choose one of: {', '.join(suggestions)}"
         )
-    base_lr, max_lr = bounds(suggestions, policy.rule, policy.div)
+    base_lr, max_lr = bounds(suggestions, policy.rule, policy.div, policy.scale)
     return {"base_lr": base_lr, "max_lr": max_lr}, policy.rule, run_id
 
 
 def _resolve_auto(session: Session, client: MlflowClient, output_dir: Path, tags: dict[str, str]) -> DictConfig:
-    """The policy node with ``auto`` bounds replaced; checks the rest of it before any range test."""
+    """The policy node with automatic LRs filled in; checks the rest of it before any range test."""
     node = session.cfg.policy
     auto = _auto_keys(node)
     if not auto:
         return node
-    trial = OmegaConf.merge(node, {key: value for key, value in zip(BOUNDS, (1.0, 2.0), strict=True) if key in auto})
+    placeholders = {"base_lr": 1.0, "max_lr": 2.0}
+    trial = OmegaConf.merge(node, {key: placeholders.get(key, 1.0) for key in auto})
     build_policy(trial, session.steps_per_epoch, session.total_steps)  # fail now on anything else
     found, rule, run_id = auto_bounds(session, client, output_dir, tags)
-    resolved = OmegaConf.merge(node, {key: found[key] for key in auto})
+    resolved = OmegaConf.merge(node, {key: found[bound] for key, bound in auto.items()})
     tags.update({"clrx.range_test_run_id": run_id, "clrx.bounds_rule": rule})
-    tags.update({f"clrx.auto.{key}": f"{found[key]:.6g}" for key in auto})
-    log.info("bounds by range test (rule %s): %s", rule, ", ".join(f"{k}={found[k]:.4g}" for k in auto))
+    tags.update({f"clrx.auto.{key}": f"{resolved[key]:.6g}" for key in auto})
+    log.info("LRs by range test (rule %s): %s", rule, ", ".join(f"{k}={resolved[k]:.4g}" for k in auto))
     return resolved
 
 
@@ -432,5 +452,5 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:
-            tracker.params({f"bounds.{key}": str(node[key]) for key in BOUNDS})
+            tracker.params({f"bounds.{key}": str(node[key]) for key in _auto_keys(cfg.policy)})
         return fit(session, policy, tracker, output_dir)

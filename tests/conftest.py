@@ -12,10 +12,12 @@ from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
 from clrx.config import register
+from clrx.sweep import register_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 register()
+register_sweeps()
 
 
 @pytest.fixture(scope="session")
@@ -34,10 +36,10 @@ def store(tmp_path, empty_store):
     return uri, MlflowClient(uri)
 
 
-def compose_config(*overrides: str):
-    """The config ``python -m clrx`` would compose with these overrides."""
+def compose_config(*overrides: str, return_hydra: bool = False):
+    """The config ``python -m clrx`` would compose with these overrides (and Hydra's own node)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
 
 
 def main_in_process(*args: str, monkeypatch, capsys) -> tuple[int, str]:

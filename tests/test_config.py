@@ -8,7 +8,7 @@ from clrx.errors import ConfigError
 from clrx.policies import Hyper
 from tests.conftest import CONF, compose_config
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 

@@ -148,7 +148,7 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
     [
         (["policy=range_test", "policy.min_lr=1", "policy.max_lr=0.1"], "policy.min_lr: must be below max_lr"),
         (["policy=range_test", "policy.num_iter=0"], "policy.num_iter: must be a positive whole number"),
-        (["policy=fixed", "policy.lr=auto"], "policy.lr: auto is only for base_lr and max_lr"),
+        (["policy=fixed", "policy.lr=auto"], "policy.lr: auto is for base_lr and max_lr of a policy with both bounds"),
         (["policy=range_test", "policy.min_lr=50", "policy.max_lr=1000"], "lower min_lr"),
         (["policy.max_lr=auto", "trainer.dry_run=true"], "trainer.dry_run: auto bounds come from a range test"),
     ],

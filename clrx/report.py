@@ -1,0 +1,180 @@
+"""A sweep's summary, rebuilt from MLflow at any time: a table and overlay plots on the parent run.
+
+python -m clrx.report multirun/2026-11-23/10-00-00.123456   # a sweep folder
+python -m clrx.report 3f2a9c...                             # or a parent run id
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from mlflow.entities import Run, ViewType
+from mlflow.tracking import MlflowClient
+
+from clrx.errors import ClrxError
+from clrx.sweep import PARENT_FILE, parent_run_id
+from clrx.tracking import default_uri, open_store
+
+RULES = ("paper", "steepest", "minimum/10", "valley")
+
+
+def children(client: MlflowClient, parent: str) -> list[Run]:
+    """The sweep's job runs, in job order."""
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL, max_results=10000
+    )
+    return sorted(runs, key=lambda run: int(run.data.tags.get("clrx.job", 0)))
+
+
+def varying(runs: list[Run]) -> dict[str, str]:
+    """Each run's overrides less those every job shares: what the sweep changed."""
+    tokens = {run.info.run_id: run.data.tags.get("clrx.overrides", "").split() for run in runs}
+    shared = set.intersection(*(set(t) for t in tokens.values())) if len(runs) > 1 else set()
+    return {run_id: " ".join(t for t in words if t not in shared) for run_id, words in tokens.items()}
+
+
+def _last(run: Run, key: str) -> float | None:
+    return run.data.metrics.get(key)
+
+
+def rows(runs: list[Run]) -> list[dict[str, object]]:
+    """One row a job: what it swept, how it ended, and its results or suggested bounds."""
+    table, labels = [], varying(runs)
+    for run in runs:
+        tags = run.data.tags
+        row: dict[str, object] = {
+            "job": int(tags.get("clrx.job", 0)),
+            "swept": labels[run.info.run_id],
+            "status": run.info.status,
+            "policy": tags.get("clrx.policy", ""),
+        }
+        suggestions = {
+            rule: json.loads(tags[f"clrx.suggest.{rule}"]) for rule in RULES if f"clrx.suggest.{rule}" in tags
+        }
+        if suggestions:
+            for rule, found in suggestions.items():
+                row[f"{rule} max_lr"] = found["max_lr"]
+            row["paper base_lr"] = suggestions.get("paper", {}).get("base_lr")
+        else:
+            row.update(
+                val_acc=_last(run, "val_acc"),
+                best_val_acc=_last(run, "best_val_acc"),
+                steps=_last(run, "steps"),
+                seconds=_last(run, "train_seconds"),
+            )
+        if run.info.status != "FINISHED":
+            row["failure"] = tags.get("clrx.failure", "")
+        table.append(row)
+    trained = [row for row in table if "best_val_acc" in row]
+    if len(trained) == len(table):  # training results: best first, unfinished last
+        table.sort(key=lambda row: (row["status"] != "FINISHED", -(row["best_val_acc"] or 0.0)))
+    return table
+
+
+def _columns(table: list[dict[str, object]]) -> list[str]:
+    return list(dict.fromkeys(key for row in table for key in row))
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.4g}"
+    return str(value)
+
+
+def markdown(table: list[dict[str, object]]) -> str:
+    columns = _columns(table)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def overlay(client: MlflowClient, runs: list[Run]) -> Figure:
+    """Every job on one figure: loss and accuracy against the LR for range tests, else against the step."""
+    range_tests = all("clrx.suggest.minimum/10" in run.data.tags for run in runs if run.info.status == "FINISHED")
+    figure = Figure(figsize=(9, 7), layout="constrained")
+    loss_ax, acc_ax = figure.subplots(2, 1, sharex=True)
+    labels = varying(runs)
+    for run in runs:
+        label = labels[run.info.run_id] or run.info.run_name
+        if range_tests:
+            lrs = _history(client, run.info.run_id, "lr")
+            for ax, key in ((loss_ax, "smoothed_loss"), (acc_ax, "batch_acc")):
+                values = _history(client, run.info.run_id, key)
+                steps = sorted(set(values) & set(lrs))
+                ax.plot([lrs[s] for s in steps], [values[s] for s in steps], label=label)
+        else:
+            for ax, key in ((loss_ax, "train_loss"), (acc_ax, "val_acc")):
+                values = _history(client, run.info.run_id, key)
+                ax.plot(
+                    sorted(values),
+                    [values[s] for s in sorted(values)],
+                    label=label,
+                    marker="o" if key == "val_acc" else None,
+                )
+    loss_ax.set_ylabel("smoothed training loss" if range_tests else "training loss")
+    acc_ax.set_ylabel("batch accuracy" if range_tests else "validation accuracy")
+    acc_ax.set_xlabel("learning rate" if range_tests else "optimizer step")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+    loss_ax.legend(fontsize="small")
+    return figure
+
+
+def report(client: MlflowClient, parent: str, out_dir: Path, close: bool = False) -> list[dict[str, object]]:
+    """Write the summary to ``out_dir`` and attach it to the parent run (closing it if asked)."""
+    runs = children(client, parent)
+    table = rows(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if table:
+        with (out_dir / "summary.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=_columns(table))
+            writer.writeheader()
+            writer.writerows(table)
+        (out_dir / "summary.md").write_text(markdown(table))
+        overlay(client, runs).savefig(out_dir / "summary.png")
+        for name in ("summary.csv", "summary.md", "summary.png"):
+            client.log_artifact(parent, str(out_dir / name), "summary")
+    if close:
+        finished = any(run.info.status == "FINISHED" for run in runs)
+        client.set_terminated(parent, "FINISHED" if finished else "FAILED")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clrx.report", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", help="a sweep folder (multirun/...) or the parent run's id")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: as python -m clrx uses)")
+    args = parser.parse_args(argv)
+    try:
+        client = open_store(args.tracking_uri or default_uri())
+        folder = Path(args.sweep)
+        parent = parent_run_id(folder) if folder.is_dir() else args.sweep
+        if parent is None:
+            raise ClrxError(f"{folder} holds no {PARENT_FILE} file: is it a clrx multirun folder?")
+        try:
+            client.get_run(parent)
+        except Exception:
+            raise ClrxError(f"no MLflow run {parent!r} in {client.tracking_uri}") from None
+        out = folder if folder.is_dir() else Path("reports") / parent
+        table = report(client, parent, out)
+    except ClrxError as error:
+        print(f"clrx.report: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown(table) if table else "the sweep has no job runs yet")
+    print(f"summary in {out} and on run {parent}")
+
+
+if __name__ == "__main__":
+    main()

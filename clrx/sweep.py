@@ -1,0 +1,76 @@
+"""Multiruns as one MLflow parent run with a child run per job.
+
+A Hydra callback opens the store (creating its schema and the experiment once, before any job
+starts, so parallel jobs never race on them), creates the parent run and leaves its id in the
+sweep folder, where every job, local or on a cluster, finds it. When the sweep ends it attaches
+the summary to the parent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from clrx.tracking import default_uri, experiment_id, open_store
+
+PARENT_FILE = "mlflow_parent_run"
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def parent_run_id(sweep_dir: str | Path) -> str | None:
+    """The parent run of the sweep writing to ``sweep_dir``, if one was started."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def bisect(center: float) -> str:
+    """Sweep values around a weight decay, as in the paper's bisection: 3x, 1x and 1/3x."""
+    if not isinstance(center, (int, float)) or isinstance(center, bool) or center <= 0:
+        raise ValueError(f"wd must be a positive number, got {center!r}")
+    return ",".join(f"{center * factor:.3g}" for factor in (3, 1, 1 / 3))
+
+
+def register_sweeps() -> None:
+    """Make ``sweeps/<name>.yaml`` selectable as ``+sweep=<name>`` (a global overlay).
+
+    Files in ``sweeps/<name>/`` are the variants such a sweep runs, as group ``sweep/<name>``.
+    """
+    if not OmegaConf.has_resolver("clrx_bisect"):
+        OmegaConf.register_new_resolver("clrx_bisect", bisect)
+    store = ConfigStore.instance()
+    for path in sorted(SWEEPS.glob("*.yaml")) + sorted(SWEEPS.glob("*/*.yaml")):
+        group = "sweep" if path.parent == SWEEPS else f"sweep/{path.parent.name}"
+        store.store(group=group, name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+class SweepRuns(Callback):
+    """Parent run at the start of a multirun, summary at its end."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        client = open_store(config.tracking.uri or default_uri())
+        experiment = experiment_id(client, config.tracking.experiment)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = client.create_run(
+            experiment,
+            run_name=f"sweep {sweep_dir.name}",
+            tags={
+                "clrx.sweep_dir": str(sweep_dir.resolve()),
+                "clrx.overrides": overrides,
+                "mlflow.source.name": "clrx",
+            },
+        )
+        (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from clrx.report import report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent = parent_run_id(sweep_dir)
+        if parent is not None:
+            report(open_store(config.tracking.uri or default_uri()), parent, sweep_dir, close=True)

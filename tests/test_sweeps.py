@@ -1,0 +1,145 @@
+"""Real Hydra multiruns: one MLflow parent run, complete children, a summary that lists every job."""
+
+import csv
+
+import pytest
+from mlflow.entities import ViewType
+from omegaconf import OmegaConf
+
+from clrx.report import main as report_main
+from clrx.sweep import PARENT_FILE
+from tests.conftest import compose_config, run_cli
+
+STEPS_PER_EPOCH = 1437 // 64
+
+
+def _sweep(tmp_path, *args):
+    done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "sweep"
+
+
+def _family(client, sweep_dir):
+    parent = (sweep_dir / PARENT_FILE).read_text().strip()
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
+    return client.get_run(parent), sorted(runs, key=lambda r: int(r.data.tags["clrx.job"]))
+
+
+def _summary(sweep_dir):
+    with (sweep_dir / "summary.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tmp_path, store):
+    uri, client = store  # the default store of the folder the sweep runs in
+    sweep_dir = _sweep(tmp_path, "+sweep=wd_range_test", "policy.num_iter=30")
+    parent, children = _family(client, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["clrx.policy"] == "range_test"
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "smoothed_loss"))
+        assert steps == list(range(len(steps))) and len(steps) >= 5
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "lr")) == steps
+    swept = [row["swept"] for row in _summary(sweep_dir)]
+    assert swept == [f"optimizer.weight_decay={wd}" for wd in ("0.001", "0.0001", "1e-05", "0")]
+    assert all(float(row["minimum/10 max_lr"]) > 0 for row in _summary(sweep_dir))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert artifacts == {"summary/summary.csv", "summary/summary.md", "summary/summary.png"}
+    markdown = (sweep_dir / "summary.md").read_text()
+    assert all(f"optimizer.weight_decay={wd} " in markdown for wd in ("0.001", "0.0001", "1e-05", "0"))
+
+
+def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
+    uri, client = store
+    sweep_dir = _sweep(
+        tmp_path, "hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5"
+    )
+    parent, children = _family(client, sweep_dir)
+    statuses = {child.data.tags["clrx.overrides"].split()[1]: child.info.status for child in children}
+    assert statuses == {
+        "policy.lr=0.02": "FINISHED",
+        "policy.lr=0.05": "FINISHED",
+        "policy.lr=0.1": "FINISHED",
+        "policy.lr=1000000.0": "FAILED",
+    }
+    for child in children:
+        if child.info.status == "FINISHED":
+            for key in ("lr", "momentum", "train_loss"):
+                steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, key))
+                assert steps == list(range(STEPS_PER_EPOCH)), key
+    rows = _summary(sweep_dir)
+    assert [row["status"] for row in rows] == ["FINISHED"] * 3 + ["FAILED"]  # best first, the failure last
+    assert [float(row["best_val_acc"]) for row in rows[:3]] == sorted(
+        (float(r["best_val_acc"]) for r in rows[:3]), reverse=True
+    )
+    assert "loss became" in rows[3]["failure"] and parent.info.status == "FINISHED"
+
+
+def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, store):
+    uri, client = store
+    sweep_dir = _sweep(tmp_path, "policy.base_lr=0.01,0.9")
+    _, children = _family(client, sweep_dir)
+    assert [child.info.status for child in children] == ["FINISHED", "FAILED"]
+    assert "policy.base_lr: must be below max_lr" in children[1].data.tags["clrx.failure"]
+
+
+def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, capsys):
+    uri, client = store
+    sweep_dir = _sweep(tmp_path, "optimizer.weight_decay=1e-3,0")
+    (sweep_dir / "summary.md").unlink()
+    report_main([str(sweep_dir), "--tracking-uri", uri])
+    assert "optimizer.weight_decay=0.001" in (sweep_dir / "summary.md").read_text()
+    with pytest.raises(SystemExit) as exited:
+        report_main(["0123456789abcdef", "--tracking-uri", uri])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == f"clrx.report: error: no MLflow run '0123456789abcdef' in {uri}"
+
+
+def test_bisect_sweeps_three_values_around_the_given_weight_decay():
+    cfg = compose_config("+sweep=wd_bisect", "wd=1e-4", return_hydra=True)
+    assert cfg.hydra.sweeper.params["optimizer.weight_decay"] == "0.0003,0.0001,3.33e-05"
+    assert cfg.policy._target_ == "clrx.policies.LRRange"
+
+
+@pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    cfg = compose_config(f"hydra/launcher={launcher}", return_hydra=True)
+    assert OmegaConf.select(cfg, "hydra.launcher._target_").endswith(target)
+
+
+@pytest.mark.parametrize(
+    "sweep, jobs, extra",
+    [
+        ("wd_bisect", 3, ["wd=1e-3"]),
+        ("clr_vs_fixed", 6, []),
+        ("one_cycle_grid", 12, []),
+    ],
+)
+def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
+    """The remaining sweeps in sweeps/, at one epoch a job (wd_range_test has its own test above)."""
+    uri, client = store
+    sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30", "trainer.log_every=22")
+    parent, children = _family(client, sweep_dir)
+    assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
+    assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"
+    if sweep != "wd_bisect":  # training sweeps: bounds from the range test, linked from every child
+        assert all("clrx.range_test_run_id" in child.data.tags for child in children)
+    if sweep == "clr_vs_fixed":  # one shared range: fixed runs sit at its two ends
+        variant = "+sweep/clr_vs_fixed="
+        params = {
+            next(t for t in c.data.tags["clrx.overrides"].split() if t.startswith(variant))[
+                len(variant) :
+            ]: c.data.params
+            for c in children
+        }
+        assert len({c.data.tags["clrx.range_test_run_id"] for c in children}) == 1
+        assert params["fixed_base"]["bounds.lr"] == params["triangular"]["bounds.base_lr"]
+        assert params["fixed_max"]["bounds.lr"] == params["one_cycle"]["bounds.max_lr"]
+
+
+def test_clr_vs_fixed_puts_fixed_runs_at_the_ends_of_the_shared_range(tmp_path, store):
+    uri, client = store
+    cfgs = {v: compose_config("+sweep=clr_vs_fixed", f"+sweep/clr_vs_fixed={v}") for v in ("fixed_base", "fixed_max")}
+    assert cfgs["fixed_base"].policy.lr == "auto.base_lr" and cfgs["fixed_max"].policy.lr == "auto.max_lr"
+    assert compose_config("+sweep=clr_vs_fixed", "+sweep/clr_vs_fixed=triangular2").policy.max_lr == "auto"
