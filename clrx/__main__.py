@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from clrx.config import register
 from clrx.errors import ClrxError, TrainingDiverged
 from clrx.range_test import bounds
-from clrx.sweep import parent_run_id, register_sweeps
+from clrx.sweep import abort_open_sweeps, parent_run_id, register_sweeps
 from clrx.tracking import default_uri, record_failed_job
 from clrx.train import Result, train
 
@@ -117,6 +117,7 @@ def main() -> None:
     try:
         app()
     except (HydraException, OmegaConfBaseException) as error:
+        abort_open_sweeps(_one_line(error))
         _exit(_one_line(error), 2)
 
 

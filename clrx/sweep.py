@@ -13,12 +13,15 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.tracking import default_uri, experiment_id, open_store
 
 PARENT_FILE = "mlflow_parent_run"
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+# Parent runs this process opened and has not closed: a sweep that dies early closes them FAILED.
+_open_parents: list[tuple[MlflowClient, str]] = []
 
 
 def parent_run_id(sweep_dir: str | Path) -> str | None:
@@ -66,6 +69,7 @@ class SweepRuns(Callback):
             },
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
+        _open_parents.append((client, run.info.run_id))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from clrx.report import report
@@ -74,3 +78,12 @@ class SweepRuns(Callback):
         parent = parent_run_id(sweep_dir)
         if parent is not None:
             report(open_store(config.tracking.uri or default_uri()), parent, sweep_dir, close=True)
+            _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
+
+
+def abort_open_sweeps(reason: str) -> None:
+    """Close FAILED, with the reason, every parent run of a sweep that stopped before its end."""
+    while _open_parents:
+        client, run_id = _open_parents.pop()
+        client.set_tag(run_id, "clrx.failure", reason)
+        client.set_terminated(run_id, "FAILED")

@@ -1,14 +1,20 @@
 """Real Hydra multiruns: one MLflow parent run, complete children, a summary that lists every job."""
 
 import csv
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from clrx.report import main as report_main
 from clrx.sweep import PARENT_FILE
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64
 
@@ -143,3 +149,81 @@ def test_clr_vs_fixed_puts_fixed_runs_at_the_ends_of_the_shared_range(tmp_path, 
     cfgs = {v: compose_config("+sweep=clr_vs_fixed", f"+sweep/clr_vs_fixed={v}") for v in ("fixed_base", "fixed_max")}
     assert cfgs["fixed_base"].policy.lr == "auto.base_lr" and cfgs["fixed_max"].policy.lr == "auto.max_lr"
     assert compose_config("+sweep=clr_vs_fixed", "+sweep/clr_vs_fixed=triangular2").policy.max_lr == "auto"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["optimizer.weight_decay=choice()"], "empty choice is not legal"),
+        (["+sweep=wd_bisect", "wd=0"], "wd must be a positive number, got 0"),
+        (["trainer.epochs=1,abc"], "trainer.epochs=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (["policy=fixed,nope"], "policy=nope is not available; choose one of:"),
+    ],
+)
+def test_bad_sweeps_are_one_line_and_leave_no_parent_running(tmp_path, store, monkeypatch, capsys, args, expected):
+    uri, client = store
+    status, stderr = main_in_process(
+        "-m", *args, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep", monkeypatch=monkeypatch, capsys=capsys
+    )
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and expected in lines[0], stderr
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not [r for r in client.search_runs(experiments) if r.info.status == "RUNNING"]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1, stopped after the test."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_parallel_jobs_against_a_local_mlflow_server_lose_nothing(tmp_path, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    sweep_dir = _sweep(
+        tmp_path, "hydra/launcher=parallel", "optimizer.weight_decay=1e-3,1e-4,0", f"tracking.uri={mlflow_server}"
+    )
+    parent, children = _family(client, sweep_dir)
+    assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 3
+    for child in children:
+        for key in ("lr", "momentum", "train_loss"):
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, key)) == list(
+                range(STEPS_PER_EPOCH)
+            )
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/summary.md"}
