@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from clrx.report import main as report_main
+from clrx.report import overlay
 from clrx.sweep import PARENT_FILE
 from tests.conftest import compose_config, main_in_process, run_cli
 
@@ -54,6 +55,10 @@ def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tm
     assert artifacts == {"summary/summary.csv", "summary/summary.md", "summary/summary.png"}
     markdown = (sweep_dir / "summary.md").read_text()
     assert all(f"optimizer.weight_decay={wd} " in markdown for wd in ("0.001", "0.0001", "1e-05", "0"))
+    loss_ax, accuracy_ax = overlay(client, children).axes
+    for ax in (loss_ax, accuracy_ax):  # one curve per weight decay, in sweep order, against the LR
+        assert [line.get_label() for line in ax.get_lines()] == swept
+    assert loss_ax.get_ylabel() == "smoothed training loss" and accuracy_ax.get_xlabel() == "learning rate"
 
 
 def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
