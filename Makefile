@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test ui lint format clean
+.PHONY: help install run test ui lint format bench clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +29,9 @@ test: install ## run the test suite
 ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
+bench: install ## time clrx's step against a hand-written loop; writes bench.json (ARGS="model.name=resnet18 ...")
+	$(PY) -m clrx.bench $(ARGS)
+
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,4 +41,4 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove run outputs and the local MLflow store (keeps .venv)
-	rm -rf outputs multirun mlflow.db mlartifacts
+	rm -rf outputs multirun mlflow.db mlartifacts bench.json

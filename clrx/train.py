@@ -89,6 +89,15 @@ class Session:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()
 
+    def policy_step(
+        self, policy: Policy, step: int, images: torch.Tensor, labels: torch.Tensor, recorder: Recorder
+    ) -> None:
+        """Optimizer step number ``step``: the policy's values applied, the step taken and recorded."""
+        hyper = policy(step)
+        apply_hyper(self.optimizer, hyper)
+        loss, _ = self.step(images, labels)
+        recorder.record(step, hyper.lr, applied_momentum(self.optimizer), loss)
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Training batches for as many epochs as asked for."""
         for epoch in itertools.count():
@@ -191,10 +200,7 @@ def fit(session: Session, policy: Policy, tracker: Tracker, output_dir: Path) ->
     for epoch in range(1, trainer.epochs + 1):
         session.train_loader.set_epoch(epoch - 1)
         for images, labels in session.train_loader:
-            hyper = policy(step)
-            apply_hyper(session.optimizer, hyper)
-            loss, _ = session.step(images, labels)
-            recorder.record(step, hyper.lr, applied_momentum(session.optimizer), loss)
+            session.policy_step(policy, step, images, labels, recorder)
             step += 1
         recorder.drain()
         if epoch % trainer.eval_every == 0 or epoch == trainer.epochs:

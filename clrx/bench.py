@@ -1,0 +1,189 @@
+"""Speed benchmark: clrx's training step against a hand-written PyTorch loop, side by side.
+
+    python -m clrx.bench                                   # test_resnet on digits (make bench)
+    python -m clrx.bench model.name=resnet18 dataset=fake trainer.batch_size=128 trainer.precision=bf16
+
+Both loops train the same model, data, batch size and threads in one process; blocks of steps of
+each are timed in turn, so drifts of the machine hit both alike. Prints a table and writes
+``bench.json`` (``--out`` to change). Figures, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from clrx.build import build_optimizer, build_policy, instantiate
+from clrx.config import register
+from clrx.data import keep_batch
+from clrx.recorder import Recorder
+from clrx.tracking import open_store, tracked_run
+from clrx.train import prepare, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
+    """The hand-written loop clrx is measured against: SGD-style optimizer, torch's OneCycleLR, no tracking."""
+    set_seed(cfg.trainer.seed)
+    data = instantiate(cfg.dataset, "dataset")
+    model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    model.to(device).train()
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.policy.base_lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=cfg.policy.max_lr,
+        total_steps=total_steps,
+        div_factor=cfg.policy.max_lr / cfg.policy.base_lr,
+        anneal_strategy="linear",
+        three_phase=True,
+    )
+    loader = DataLoader(data.train, cfg.trainer.batch_size, shuffle=True, drop_last=True, collate_fn=keep_batch)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from loader
+
+    stream = batches()
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            images, labels = next(stream)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+    return run
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(run: Callable[[int], None], steps: int) -> float:
+    _synchronize()
+    start = time.perf_counter()
+    run(steps)
+    _synchronize()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def _logging_cost(uri: str, steps: int = 20000) -> float:
+    """Training-thread cost, in microseconds a step, of recording lr, momentum and loss."""
+    with tracked_run(open_store(uri), "bench", "logging cost", {}) as tracker:
+        recorder, loss = Recorder(tracker, "momentum", every=10), torch.tensor(0.5)
+        start = time.perf_counter()
+        for step in range(steps):
+            recorder.record(step, 0.1, 0.9, loss)
+        recorder.drain()
+        return (time.perf_counter() - start) / steps * 1e6
+
+
+def _startup_seconds(overrides: list[str], uri: str, workdir: Path) -> float:
+    # ``overrides`` name the store at ``uri`` that the run's training time is read back from.
+    """Command to first step: the wall time of a one-epoch run less its training time."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "clrx", *overrides, "trainer.epochs=1", "hydra.run.dir=startup"],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "CI": "true"},
+    )
+    wall = time.perf_counter() - start
+    client = open_store(uri)
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("clrx").experiment_id], max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return wall - run.data.metrics["train_seconds"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clrx.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m clrx")
+    parser.add_argument("--block", type=int, default=20, help="steps timed at a time")
+    parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    args = parser.parse_args(argv)
+    register()
+    workdir = Path(tempfile.mkdtemp(prefix="clrx-bench-"))
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides]
+    cfg = _compose(*base, "policy=one_cycle")
+    total = args.block * (args.repeats + 1) + 1
+
+    session = prepare(cfg)
+    policy = build_policy(cfg.policy, session.steps_per_epoch, total)
+    reference = reference_loop(cfg, total)
+    with tracked_run(open_store(uri), "bench", "clrx loop", {}) as tracker:
+        recorder = Recorder(tracker, session.momentum, cfg.trainer.log_every)
+        stream, step = session.batches(), 0
+
+        def clrx_loop(steps: int) -> None:
+            nonlocal step
+            for _ in range(steps):
+                session.policy_step(policy, step, *next(stream), recorder)
+                step += 1
+
+        _timed(reference, args.block)  # warm-up
+        _timed(clrx_loop, args.block)
+        times: dict[str, list[float]] = {"reference": [], "clrx": []}
+        for _ in range(args.repeats):
+            times["reference"].append(_timed(reference, args.block))
+            times["clrx"].append(_timed(clrx_loop, args.block))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    range_cfg = _compose(*base, "policy=range_test", "policy.num_iter=100")
+    results = {
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu x{torch.get_num_threads()} threads",
+        "overrides": base,
+        "block_steps": args.block,
+        "repeats": args.repeats,
+        "reference_ms_per_step": medians["reference"],
+        "clrx_ms_per_step": medians["clrx"],
+        "ratio": medians["clrx"] / medians["reference"],
+        "spread_ms": {name: [min(v), max(v)] for name, v in times.items()},
+        "logging_us_per_step": _logging_cost(uri),
+        "range_test_seconds_100_steps": train(range_cfg, workdir / "range_test").seconds,
+        "startup_seconds": _startup_seconds([*base, "trainer.save_model=false"], uri, workdir),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+    args.out.write_text(json.dumps(results, indent=2))
+    width = max(map(len, results))
+    for key, value in results.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
