@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test ui lint format bench clean
+.PHONY: help install run test ui lint format bench reproduce clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +32,9 @@ ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
 bench: install ## time clrx's step against a hand-written loop; writes bench.json (ARGS="model.name=resnet18 ...")
 	$(PY) -m clrx.bench $(ARGS)
 
+reproduce: install ## the papers' claims at small scale, 3 seeds; writes reproduce/ (ARGS="--seeds 5 ...")
+	$(PY) -m clrx.reproduce $(ARGS)
+
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -41,4 +44,4 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove run outputs and the local MLflow store (keeps .venv)
-	rm -rf outputs multirun mlflow.db mlartifacts bench.json
+	rm -rf outputs multirun mlflow.db mlartifacts bench.json reproduce

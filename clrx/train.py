@@ -304,10 +304,11 @@ def _auto_keys(node: DictConfig) -> dict[str, str]:
     return auto
 
 
-def _range_test_key(cfg: DictConfig) -> str:
+def _range_test_key(cfg: DictConfig, num_iter: int) -> str:
     inputs = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in RANGE_TEST_INPUTS}
     for reading in RANGE_TEST_READINGS:
         inputs["range_test"].pop(reading, None)
+    inputs["range_test"]["num_iter"] = num_iter  # null means the run's length: key the length itself
     inputs["trainer"] = {name: cfg.trainer[name] for name in RANGE_TEST_TRAINER_INPUTS}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -375,7 +376,7 @@ def auto_bounds(
     """
     cfg = session.cfg
     policy = build_policy(cfg.range_test, session.steps_per_epoch, session.total_steps, "range_test")
-    key = _range_test_key(cfg)
+    key = _range_test_key(cfg, policy.num_iter)
     cached = _cached_suggestions(client, cfg.tracking.experiment, key)
     if cached is None:
         snapshot = _Snapshot.take(session)

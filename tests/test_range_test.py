@@ -13,7 +13,7 @@ import torch
 from clrx.errors import ConfigError
 from clrx.policies import LRRange
 from clrx.range_test import Curve, bounds, lr_range_test, suggest
-from clrx.train import _Snapshot, auto_bounds, prepare, train
+from clrx.train import _range_test_key, _Snapshot, auto_bounds, prepare, train
 from tests.conftest import ROOT, compose_config, main_in_process
 
 
@@ -196,3 +196,13 @@ def test_ranks_average_the_loss_and_agree_on_stop_and_suggestions(tmp_path):
     assert first["steps"] < 80  # the divergence stop fired, at the same step on both ranks
     csvs = [(tmp_path / f"rank{rank}" / "range_test.csv").read_text().splitlines() for rank in (0, 1)]
     assert [row.split(",")[:4] for row in csvs[0]] == [row.split(",")[:4] for row in csvs[1]]
+
+
+def test_the_cache_key_follows_what_shapes_the_curve_only():
+    cfg = compose_config()
+    key = _range_test_key(cfg, 176)
+    same = compose_config("range_test.rule=valley", "range_test.div=3", "range_test.scale=2", "policy=triangular")
+    assert _range_test_key(same, 176) == key  # readings of the curve and the trained policy do not change it
+    assert _range_test_key(cfg, 88) != key  # a shorter test (num_iter null follows the run's length)
+    assert _range_test_key(compose_config("optimizer.weight_decay=0"), 176) != key
+    assert _range_test_key(compose_config("trainer.batch_size=32"), 176) != key
