@@ -98,7 +98,7 @@ class _Writer:
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
-        self.chunks: queue.Queue[list[Metric] | None] = queue.Queue()
+        self.chunks: queue.Queue[list[tuple[str, float, int, int]] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="clrx-mlflow-writer", daemon=True)
         self.thread.start()
@@ -108,8 +108,8 @@ class _Writer:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (chunk := self.chunks.get()) is not None:
             try:
-                if self.error is None:
-                    self.client.log_batch(self.run_id, metrics=chunk)
+                if self.error is None:  # MLflow's entities are built here, off the training thread
+                    self.client.log_batch(self.run_id, metrics=[Metric(*point) for point in chunk])
             except BaseException as error:  # reported by close(), on the training thread
                 self.error = error
 
@@ -126,7 +126,7 @@ class Tracker:
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
-        self._metrics: list[Metric] = []
+        self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._writer = _Writer(client, run_id)
 
     @property
@@ -134,7 +134,7 @@ class Tracker:
         return self.client.tracking_uri
 
     def metric(self, key: str, value: float, step: int) -> None:
-        self._metrics.append(Metric(key, value, int(time.time() * 1000), step))
+        self._metrics.append((key, value, int(time.time() * 1000), step))
         if len(self._metrics) >= METRICS_PER_BATCH:
             self.flush()
 
