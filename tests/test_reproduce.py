@@ -12,6 +12,7 @@ def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     assert text.count("\n## ") == 3 and (tmp_path / "out" / "reproduce.png").stat().st_size > 0
     for name in POLICIES:
         assert f"| {name} | 2 |" in text and f"| {name} | 1 |" in text
+    assert "seeds reached it)" in text
     assert all(f"hand-picked {top:g}" in text for top in HAND_PICKED)
     assert all(f"| {decay} |" in text for decay in WEIGHT_DECAYS)
     experiment = client.get_experiment_by_name("clrx").experiment_id
