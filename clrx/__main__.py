@@ -50,7 +50,10 @@ def app(cfg: DictConfig) -> float | None:
         # One failed job must not end the sweep: its run is FAILED and the summary says why.
         log.error("job %s failed: %s", hydra_cfg.job.num, error)
         if getattr(error, "run_id", None) is None:
-            record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
+            try:
+                record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
+            except ClrxError as unusable:  # no store to report to: the sweep cannot go on
+                _exit(str(unusable), 2)
         return None
     if result is None:  # dry run
         return None
@@ -116,9 +119,10 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
     try:
         app()
-    except (HydraException, OmegaConfBaseException) as error:
-        abort_open_sweeps(_one_line(error))
-        _exit(_one_line(error), 2)
+    except (HydraException, OmegaConfBaseException, ClrxError) as error:
+        message = str(error) if isinstance(error, ClrxError) else _one_line(error)
+        abort_open_sweeps(message)
+        _exit(message, 2)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from clrx.errors import ClrxError
 from clrx.tracking import default_uri, experiment_id, open_store
 
 PARENT_FILE = "mlflow_parent_run"
@@ -56,7 +57,10 @@ class SweepRuns(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        client = open_store(config.tracking.uri or default_uri())
+        try:
+            client = open_store(config.tracking.uri or default_uri())
+        except ClrxError:
+            return  # the first job meets the same error and ends the sweep with it, in one line
         experiment = experiment_id(client, config.tracking.experiment)
         overrides = " ".join(config.hydra.overrides.task)
         run = client.create_run(

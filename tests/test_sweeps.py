@@ -232,3 +232,18 @@ def test_parallel_jobs_against_a_local_mlflow_server_lose_nothing(tmp_path, mlfl
                 range(STEPS_PER_EPOCH)
             )
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} >= {"summary/summary.md"}
+
+
+def test_a_sweep_whose_store_cannot_be_opened_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    status, stderr = main_in_process(
+        "-m",
+        "optimizer.weight_decay=0,1e-3",
+        f"tracking.uri=sqlite:///{blocked}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "tracking.uri: cannot open MLflow store" in lines[0], stderr
