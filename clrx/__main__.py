@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from clrx.config import register
+from clrx.config import CONF, register
 from clrx.errors import ClrxError, TrainingDiverged
 from clrx.range_test import bounds
 from clrx.sweep import abort_open_sweeps, parent_run_id, register_sweeps
@@ -30,9 +30,6 @@ from clrx.train import Result, train
 log = logging.getLogger("clrx")
 register()
 register_sweeps()
-
-
-CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `python -m` and the script
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")

@@ -25,17 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
 from clrx.build import build_optimizer, build_policy, instantiate
-from clrx.config import register
+from clrx.config import compose_run
 from clrx.data import keep_batch
 from clrx.recorder import Recorder
 from clrx.tracking import open_store, tracked_run
 from clrx.train import prepare, train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
@@ -75,11 +72,6 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
             scheduler.step()
 
     return run
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _synchronize() -> None:
@@ -132,11 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
-    register()
     workdir = Path(tempfile.mkdtemp(prefix="clrx-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides]
-    cfg = _compose(*base, "policy=one_cycle")
+    cfg = compose_run(*base, "policy=one_cycle")
     total = args.block * (args.repeats + 1) + 1
 
     session = prepare(cfg)
@@ -159,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             times["reference"].append(_timed(reference, args.block))
             times["clrx"].append(_timed(clrx_loop, args.block))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    range_cfg = _compose(*base, "policy=range_test", "policy.num_iter=100")
+    range_cfg = compose_run(*base, "policy=range_test", "policy.num_iter=100")
     results = {
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()

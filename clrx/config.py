@@ -7,11 +7,15 @@ key); the value ranges that types cannot express are checked by ``check_trainer`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 from clrx.errors import ConfigError
 
+CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `python -m`, scripts and tests
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -44,6 +48,13 @@ def check_trainer(trainer: TrainerConfig) -> None:
     for key, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
         if getattr(trainer, key) not in allowed:
             raise ConfigError(f"trainer.{key}", f"must be one of {', '.join(allowed)}, got {getattr(trainer, key)!r}")
+
+
+def compose_run(*overrides: str, return_hydra: bool = False) -> DictConfig:
+    """The config ``python -m clrx OVERRIDES`` composes, for code that runs clrx without its CLI."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
 
 
 def register() -> None:

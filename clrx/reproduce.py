@@ -19,17 +19,14 @@ import statistics
 from collections.abc import Iterable
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from clrx.config import register
+from clrx.config import compose_run
 from clrx.report import markdown
-from clrx.sweep import register_sweeps
 from clrx.tracking import default_uri, experiment_id, open_store
 from clrx.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 AUTO = ["policy.base_lr=auto", "policy.max_lr=auto"]
 POLICIES = {
     "fixed": ["policy=fixed", "policy.lr=auto.max_lr"],
@@ -52,8 +49,7 @@ class Study:
         results = []
         for seed in range(self.seeds):
             job_overrides = [*self.base, *overrides, f"trainer.seed={seed}"]
-            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = compose(config_name="config", overrides=job_overrides)
+            cfg = compose_run(*job_overrides)
             tags = {
                 "mlflow.parentRunId": self.parent,
                 "mlflow.runName": f"{name} seed {seed}",
@@ -140,11 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=8, help="the full budget; the reduced one is half")
     parser.add_argument("--out", type=Path, default=Path("reproduce"))
     args = parser.parse_args(argv)
-    register()
-    register_sweeps()
     base = ["trainer.progress=false", "trainer.save_model=false", *args.overrides]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=base)
+    cfg = compose_run(*base)
     client = open_store(cfg.tracking.uri or default_uri())
     parent = client.create_run(
         experiment_id(client, cfg.tracking.experiment), run_name="reproduce", tags={"clrx.overrides": " ".join(base)}

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
@@ -15,7 +14,6 @@ from clrx.config import register
 from clrx.sweep import register_sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 register()
 register_sweeps()
 
@@ -34,12 +32,6 @@ def store(tmp_path, empty_store):
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, MlflowClient(uri)
-
-
-def compose_config(*overrides: str, return_hydra: bool = False):
-    """The config ``python -m clrx`` would compose with these overrides (and Hydra's own node)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
 
 
 def main_in_process(*args: str, monkeypatch, capsys) -> tuple[int, str]:

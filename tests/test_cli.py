@@ -3,9 +3,10 @@
 import pytest
 from mlflow.entities import ViewType
 
+from clrx.config import compose_run
 from clrx.policies import OneCycle
 from clrx.train import train
-from tests.conftest import compose_config, main_in_process, run_cli
+from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1437 training images, drop_last batches of 64
 
@@ -46,7 +47,7 @@ def test_one_cycle_run_logs_every_step_and_the_config(tmp_path, store):
 
 def test_same_command_twice_gives_the_same_losses(tmp_path, store):
     uri, client = store
-    cfg = compose_config("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}")
+    cfg = compose_run("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}")
     runs = [train(cfg, tmp_path / str(i)).run_id for i in range(2)]
     first, second = ([m.value for m in _history(client, run, "train_loss")] for run in runs)
     assert len(first) == STEPS_PER_EPOCH and first == second
@@ -54,7 +55,7 @@ def test_same_command_twice_gives_the_same_losses(tmp_path, store):
 
 def test_adam_cycles_beta1(tmp_path, store):
     uri, client = store
-    cfg = compose_config(
+    cfg = compose_run(
         "optimizer=adam",
         "policy.base_lr=5e-4",
         "policy.max_lr=5e-3",

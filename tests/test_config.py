@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from clrx.build import build_optimizer, build_policy, instantiate
+from clrx.config import CONF, compose_run
 from clrx.errors import ConfigError
 from clrx.policies import Hyper
-from tests.conftest import CONF, compose_config
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
@@ -18,7 +18,7 @@ def test_groups_are_the_documented_ones():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(group, option):
-    cfg = compose_config(f"{group}={option}")
+    cfg = compose_run(f"{group}={option}")
     assert cfg[group] is not None
     data = instantiate(cfg.dataset, "dataset")
     images, labels = data.train.__getitems__([0, 1])
@@ -33,23 +33,23 @@ def test_every_option_composes_and_builds(group, option):
 
 
 def test_stepsize_in_epochs_becomes_optimizer_steps():
-    cfg = compose_config("policy=triangular", "policy.stepsize_epochs=2.5")
+    cfg = compose_run("policy=triangular", "policy.stepsize_epochs=2.5")
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).stepsize == 55
-    cfg = compose_config("policy=triangular", "policy.stepsize=7", "policy.stepsize_epochs=null")
+    cfg = compose_run("policy=triangular", "policy.stepsize=7", "policy.stepsize_epochs=null")
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).stepsize == 7
 
 
 def test_stages_take_their_lengths_in_epochs_and_the_last_runs_to_the_end():
-    cfg = compose_config("policy=multistage")
+    cfg = compose_run("policy=multistage")
     policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=264)
     assert [steps for steps, _ in policy.stages] == [176, 44, 44]
     assert [stage.stepsize for _, stage in policy.stages] == [22, 11, 6]
 
 
 def test_one_cycle_spans_the_run_unless_told_otherwise():
-    cfg = compose_config("policy=one_cycle")
+    cfg = compose_run("policy=one_cycle")
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 176
-    cfg = compose_config("policy=one_cycle", "policy.total_steps=100")
+    cfg = compose_run("policy=one_cycle", "policy.total_steps=100")
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 100
 
 
@@ -66,7 +66,7 @@ def test_one_cycle_spans_the_run_unless_told_otherwise():
     ],
 )
 def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):
-    cfg = compose_config(*overrides)
+    cfg = compose_run(*overrides)
     with pytest.raises(ConfigError) as raised:
         build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
     assert raised.value.setting == setting
@@ -83,14 +83,14 @@ def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):
     ],
 )
 def test_bad_optimizer_settings_fail_with_the_full_key(overrides, setting):
-    cfg = compose_config(*overrides)
+    cfg = compose_run(*overrides)
     with pytest.raises(ConfigError) as raised:
         build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     assert raised.value.setting == setting
 
 
 def test_unknown_model_suggests_close_timm_names():
-    cfg = compose_config("model.name=resnet1")
+    cfg = compose_run("model.name=resnet1")
     with pytest.raises(ConfigError, match="close names: .*resnet18") as raised:
         instantiate(cfg.model, "model", num_classes=10, in_chans=1)
     assert raised.value.setting == "model.name"

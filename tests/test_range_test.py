@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
+from clrx.config import compose_run
 from clrx.errors import ConfigError
 from clrx.policies import LRRange
 from clrx.range_test import Curve, bounds, lr_range_test, suggest
 from clrx.train import _range_test_key, _Snapshot, auto_bounds, prepare, train
-from tests.conftest import ROOT, compose_config, main_in_process
+from tests.conftest import ROOT, main_in_process
 
 
 def _least_squares(curvature: float, dim: int = 20, seed: int = 0):
@@ -117,7 +118,7 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
     """max_lr=auto trains exactly as a run with the range test's bounds typed in; the test is cached."""
     uri, client = store
     common = ["trainer.epochs=4", "trainer.progress=false", "trainer.save_model=false", f"tracking.uri={uri}"]
-    cfg = compose_config("policy.base_lr=auto", "policy.max_lr=auto", *common)
+    cfg = compose_run("policy.base_lr=auto", "policy.max_lr=auto", *common)
 
     session = prepare(cfg)
     before = _Snapshot.take(session)
@@ -130,7 +131,7 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
 
     auto = train(cfg, tmp_path / "auto")  # the cached test: no second range-test run
     typed = train(
-        compose_config(f"policy.base_lr={found['base_lr']}", f"policy.max_lr={found['max_lr']}", *common),
+        compose_run(f"policy.base_lr={found['base_lr']}", f"policy.max_lr={found['max_lr']}", *common),
         tmp_path / "typed",
     )
     assert auto.val_acc >= typed.val_acc and auto.val_acc > 0.9
@@ -199,10 +200,10 @@ def test_ranks_average_the_loss_and_agree_on_stop_and_suggestions(tmp_path):
 
 
 def test_the_cache_key_follows_what_shapes_the_curve_only():
-    cfg = compose_config()
+    cfg = compose_run()
     key = _range_test_key(cfg, 176)
-    same = compose_config("range_test.rule=valley", "range_test.div=3", "range_test.scale=2", "policy=triangular")
+    same = compose_run("range_test.rule=valley", "range_test.div=3", "range_test.scale=2", "policy=triangular")
     assert _range_test_key(same, 176) == key  # readings of the curve and the trained policy do not change it
     assert _range_test_key(cfg, 88) != key  # a shorter test (num_iter null follows the run's length)
-    assert _range_test_key(compose_config("optimizer.weight_decay=0"), 176) != key
-    assert _range_test_key(compose_config("trainer.batch_size=32"), 176) != key
+    assert _range_test_key(compose_run("optimizer.weight_decay=0"), 176) != key
+    assert _range_test_key(compose_run("trainer.batch_size=32"), 176) != key

@@ -12,10 +12,11 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from clrx.config import compose_run
 from clrx.report import main as report_main
 from clrx.report import overlay
 from clrx.sweep import PARENT_FILE
-from tests.conftest import compose_config, main_in_process, run_cli
+from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64
 
@@ -108,14 +109,14 @@ def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, cap
 
 
 def test_bisect_sweeps_three_values_around_the_given_weight_decay():
-    cfg = compose_config("+sweep=wd_bisect", "wd=1e-4", return_hydra=True)
+    cfg = compose_run("+sweep=wd_bisect", "wd=1e-4", return_hydra=True)
     assert cfg.hydra.sweeper.params["optimizer.weight_decay"] == "0.0003,0.0001,3.33e-05"
     assert cfg.policy._target_ == "clrx.policies.LRRange"
 
 
 @pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
 def test_launcher_configs_compose(launcher, target):
-    cfg = compose_config(f"hydra/launcher={launcher}", return_hydra=True)
+    cfg = compose_run(f"hydra/launcher={launcher}", return_hydra=True)
     assert OmegaConf.select(cfg, "hydra.launcher._target_").endswith(target)
 
 
@@ -151,9 +152,9 @@ def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
 
 def test_clr_vs_fixed_puts_fixed_runs_at_the_ends_of_the_shared_range(tmp_path, store):
     uri, client = store
-    cfgs = {v: compose_config("+sweep=clr_vs_fixed", f"+sweep/clr_vs_fixed={v}") for v in ("fixed_base", "fixed_max")}
+    cfgs = {v: compose_run("+sweep=clr_vs_fixed", f"+sweep/clr_vs_fixed={v}") for v in ("fixed_base", "fixed_max")}
     assert cfgs["fixed_base"].policy.lr == "auto.base_lr" and cfgs["fixed_max"].policy.lr == "auto.max_lr"
-    assert compose_config("+sweep=clr_vs_fixed", "+sweep/clr_vs_fixed=triangular2").policy.max_lr == "auto"
+    assert compose_run("+sweep=clr_vs_fixed", "+sweep/clr_vs_fixed=triangular2").policy.max_lr == "auto"
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from clrx.build import build_policy
+from clrx.config import compose_run
 from clrx.train import find_range, prepare
-from tests.conftest import compose_config
 
 
 class Untracked:
@@ -31,7 +31,7 @@ class Untracked:
 
 
 def main(out: Path) -> None:
-    cfg = compose_config("policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32")
+    cfg = compose_run("policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32")
     session = prepare(cfg)
     policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
     result = find_range(session, policy, Untracked(), out / f"rank{session.accelerator.process_index}", "policy")
