@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from clrx.config import CONF, register
+from clrx.config import CONF, main_process, register
 from clrx.errors import ClrxError, TrainingDiverged
 from clrx.range_test import bounds
 from clrx.sweep import abort_open_sweeps, parent_run_id, register_sweeps
@@ -32,10 +32,26 @@ register()
 register_sweeps()
 
 
+def _slurm_processes() -> None:
+    """Under submitit with several tasks per job, make each task one process of the training.
+
+    The job's tasks all run this job; torch and Accelerate find their rank, the world size and
+    the address of task 0 in the variables submitit's helper exports.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # Accelerate picks cuda:LOCAL_RANK
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def app(cfg: DictConfig) -> float | None:
+    _slurm_processes()
     hydra_cfg = HydraConfig.get()
-    tags = {f"clrx.{group}": str(choice) for group, choice in hydra_cfg.runtime.choices.items() if "/" not in group}
+    if not main_process():  # one process speaks for a multi-process launch
+        log.setLevel(logging.WARNING)
+    choices = hydra_cfg.runtime.choices.items()  # group@package: tagged by the package it fills
+    tags = {f"clrx.{group.rpartition('@')[2]}": str(choice) for group, choice in choices if "/" not in group}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         def clrx_loop(steps: int) -> None:
             nonlocal step
             for _ in range(steps):
-                session.policy_step(policy, step, *next(stream), recorder)
+                session.policy_step(policy, step, next(stream), recorder)
                 step += 1
 
         _timed(reference, args.block)  # warm-up

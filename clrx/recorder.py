@@ -1,13 +1,15 @@
 """The per-step record of a run: applied lr and momentum, and the loss.
 
 Losses stay on the device as tensors and are read back every ``every`` steps with a single sync,
-so a GPU step never waits for the host; that read also checks the loss is still finite.
+so a GPU step never waits for the host; that read also averages them over the processes (so all
+of them see the same numbers) and checks the loss is still finite.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -21,9 +23,11 @@ class Recorder:
         tracker: Tracker,
         momentum_name: str | None,
         every: int,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = lambda losses: losses,
         on_drain: Callable[[int, float, float], None] = lambda n, lr, loss: None,
     ) -> None:
-        self.tracker, self.momentum_name, self.every, self.on_drain = tracker, momentum_name, every, on_drain
+        self.tracker, self.momentum_name, self.every = tracker, momentum_name, every
+        self.reduce, self.on_drain = reduce, on_drain
         self.steps: list[int] = []
         self.lrs: list[float] = []
         self.momenta: list[float | None] = []
@@ -42,7 +46,7 @@ class Recorder:
         """Read pending losses, stop on a non-finite one, and pass every point to the tracker."""
         if not self._pending:
             return
-        values = torch.stack(self._pending).float().tolist()
+        values = self.reduce(torch.stack(self._pending).float()).tolist()
         first = len(self.losses)
         self._pending = []
         for offset, loss in enumerate(values):
@@ -63,3 +67,12 @@ class Recorder:
         """Mean training loss over the last ``steps`` drained steps."""
         recent = self.losses[-steps:]
         return sum(recent) / len(recent)
+
+    def state(self) -> dict[str, Any]:
+        """The drained record, for a checkpoint; steps are 0, 1, ... and not stored."""
+        self.drain()
+        return {"lrs": list(self.lrs), "momenta": list(self.momenta), "losses": list(self.losses)}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.lrs, self.momenta, self.losses = list(state["lrs"]), list(state["momenta"]), list(state["losses"])
+        self.steps = list(range(len(self.lrs)))

@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from clrx.config import main_process
 from clrx.errors import ClrxError
 from clrx.tracking import default_uri, experiment_id, open_store
 
@@ -55,6 +56,8 @@ class SweepRuns(Callback):
     """Parent run at the start of a multirun, summary at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not main_process():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -80,7 +83,7 @@ class SweepRuns(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = parent_run_id(sweep_dir)
-        if parent is not None:
+        if parent is not None and main_process():
             report(open_store(config.tracking.uri or default_uri()), parent, sweep_dir, close=True)
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
 

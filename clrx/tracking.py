@@ -112,6 +112,8 @@ class _Writer:
                     self.client.log_batch(self.run_id, metrics=[Metric(*point) for point in chunk])
             except BaseException as error:  # reported by close(), on the training thread
                 self.error = error
+            finally:
+                self.chunks.task_done()
 
     def close(self) -> None:
         """Write everything queued, stop, and raise what the thread met, if anything."""
@@ -122,10 +124,15 @@ class _Writer:
 
 
 class Tracker:
-    """One MLflow run, written to in batches."""
+    """One MLflow run, written to in batches.
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    ``logged`` maps metric keys to the last step the run already holds (a resumed run): points
+    up to it are not written again, so every step keeps exactly one point.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, logged: Mapping[str, int] | None = None) -> None:
         self.client, self.run_id = client, run_id
+        self._logged = dict(logged or {})
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._writer = _Writer(client, run_id)
 
@@ -134,6 +141,8 @@ class Tracker:
         return self.client.tracking_uri
 
     def metric(self, key: str, value: float, step: int) -> None:
+        if self._logged and step <= self._logged.get(key, -1):
+            return
         self._metrics.append((key, value, int(time.time() * 1000), step))
         if len(self._metrics) >= METRICS_PER_BATCH:
             self.flush()
@@ -147,6 +156,11 @@ class Tracker:
         for start in range(0, len(self._metrics), METRICS_PER_BATCH):
             self._writer.chunks.put(self._metrics[start : start + METRICS_PER_BATCH])
         self._metrics = []
+
+    def sync(self) -> None:
+        """Return once every metric recorded so far is in the store."""
+        self.flush()
+        self._writer.chunks.join()
 
     def params(self, values: Mapping[str, str]) -> None:
         items = [Param(key, value) for key, value in values.items()]
@@ -165,6 +179,9 @@ class Tracker:
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def artifacts(self, directory: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
     def finish(self, status: str, reason: str | None = None) -> None:
         """Wait for every buffered point to land, then close the run with ``status``."""
         self.flush()
@@ -179,16 +196,74 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
+class Silent:
+    """The tracker of a process that logs nothing: every rank but the main one."""
+
+    run_id = uri = ""
+
+    def metric(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        pass
+
+    def params(self, values: Mapping[str, str]) -> None:
+        pass
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        pass
+
+    def text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def figure(self, figure: Figure, artifact_file: str) -> None:
+        pass
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def artifacts(self, directory: Path, artifact_path: str) -> None:
+        pass
+
+
+def _reopen(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Mark an earlier run RUNNING again; the last step each of its metrics holds."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(
+            "trainer.resume", f"the checkpoint's MLflow run {run_id} is not in {client.tracking_uri}"
+        ) from None
+    if "clrx.failure" in run.data.tags:  # from the attempt that stopped; this one may well finish
+        client.delete_tag(run_id, "clrx.failure")
+    client.update_run(run_id, "RUNNING")
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+
+
 @contextmanager
 def tracked_run(
     client: MlflowClient,
     experiment: str,
     run_name: str | None,
     tags: Mapping[str, str],
+    resume: str | None = None,
 ) -> Iterator[Tracker]:
-    """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING."""
-    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
-    tracker = Tracker(client, run.info.run_id)
+    """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING.
+
+    ``resume`` is the id of an earlier run to continue: its metrics go on where they stopped.
+    """
+    if resume is None:
+        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
+        tracker = Tracker(client, run.info.run_id)
+    else:
+        tracker = Tracker(client, resume, _reopen(client, resume))
+        tracker.tags({key: value for key, value in tags.items() if not key.startswith("mlflow.")})
     try:
         yield tracker
     except KeyboardInterrupt:

@@ -1,19 +1,21 @@
 """The training loop: before every optimizer step, the policy's values go into the optimizer.
 
-Accelerate places the model and batches and handles mixed precision; the policy is never handed
-to ``accelerator.prepare`` (its wrapper would step a scheduler once per process). The same loop
-serves training and the LR range test (``policy=range_test``, or ``policy.max_lr=auto``).
+Accelerate places the model and batches, splits each global batch over the processes and handles
+mixed precision; the policy is never handed to ``accelerator.prepare`` (its wrapper would step a
+scheduler once per process). The step counter counts optimizer steps, so the schedule is the same
+on any number of processes and with any gradient accumulation. Only the main process talks to
+MLflow and writes checkpoints. The same loop serves training and the LR range test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
 import json
 import logging
 import os
-import random
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,12 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from clrx import checkpoint
+from clrx.batch_size import find_batch_size
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import check_trainer
 from clrx.data import Splits, keep_batch
@@ -39,7 +44,7 @@ from clrx.plots import schedule_figure
 from clrx.policies import Hyper, LRRange, Policy
 from clrx.range_test import Curve, Suggestion, batch_accuracy, bounds, range_figure, run_range_test, suggest
 from clrx.recorder import Recorder
-from clrx.tracking import Tracker, default_uri, flatten, open_store, tracked_run
+from clrx.tracking import Silent, Tracker, default_uri, flatten, open_store, tracked_run
 
 AUTO = "auto"
 BOUNDS = ("base_lr", "max_lr")
@@ -49,6 +54,19 @@ RANGE_TEST_TRAINER_INPUTS = ("batch_size", "seed", "precision")
 RANGE_TEST_READINGS = ("rule", "div", "scale")  # how bounds are read off the curve, not what shapes it
 # Not for the range-test run an automatic bound starts: it belongs to no sweep job of its own.
 JOB_TAGS = ("mlflow.parentRunId", "mlflow.runName", "clrx.job")
+# Settings a resumed run may change: where and how it reports, not what it computes.
+RESUMABLE_CHANGES = (
+    "tracking.",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_last",
+    "trainer.save_model",
+    "trainer.device",
+    "trainer.max_batch_size",
+)
+Batch = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger("clrx")
 
 
@@ -76,33 +94,55 @@ class Session:
     optimizer: torch.optim.Optimizer
     train_loader: DataLoader
     val_loader: DataLoader
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
     total_steps: int
     momentum: str | None
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; (loss, logits), both still on the device."""
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels)
-        self.accelerator.backward(loss)
+    def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One optimizer step over the micro batches of one global batch.
+
+        Gradients are averaged over micro batches and synchronized across processes once, on the
+        last; returns the mean loss (on the device) and each micro batch's (logits, labels).
+        """
+        total, outputs = 0.0, []
+        for index, (images, labels) in enumerate(micro):
+            last = index == len(micro) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                logits = self.model(images)
+                loss = F.cross_entropy(logits, labels)
+                self.accelerator.backward(loss / len(micro))
+            total = total + loss.detach()
+            outputs.append((logits.detach(), labels))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), logits.detach()
+        return total / len(micro), outputs
 
-    def policy_step(
-        self, policy: Policy, step: int, images: torch.Tensor, labels: torch.Tensor, recorder: Recorder
-    ) -> None:
+    def policy_step(self, policy: Policy, step: int, micro: list[Batch], recorder: Recorder) -> None:
         """Optimizer step number ``step``: the policy's values applied, the step taken and recorded."""
         hyper = policy(step)
         apply_hyper(self.optimizer, hyper)
-        loss, _ = self.step(images, labels)
+        loss, _ = self.step(micro)
         recorder.record(step, hyper.lr, applied_momentum(self.optimizer), loss)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Training batches for as many epochs as asked for."""
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[Batch]]:
+        """The optimizer steps of epoch ``epoch`` (from 0), each a list of micro batches.
+
+        The order of an epoch depends only on the seed and the epoch, so a resumed run skips the
+        ``skip`` steps it already took and sees exactly the batches it would have seen.
+        """
+        accumulate = self.cfg.trainer.grad_accum
+        self.train_loader.set_epoch(epoch)
+        loader = self.train_loader
+        if skip:
+            loader = self.accelerator.skip_first_batches(loader, skip * accumulate)
+        micro = iter(loader)
+        for _ in range(self.steps_per_epoch - skip):
+            yield [next(micro) for _ in range(accumulate)]
+
+    def batches(self) -> Iterator[list[Batch]]:
+        """Optimizer steps for as many epochs as asked for."""
         for epoch in itertools.count():
-            self.train_loader.set_epoch(epoch)
-            yield from self.train_loader
+            yield from self.epoch(epoch)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -117,32 +157,83 @@ class Session:
         self.model.train()
         return {"val_loss": loss_sum / count, "val_acc": correct / count}
 
+    def state(self) -> dict[str, Any]:
+        """Weights, optimizer and loss-scaler state, as they are now (not copies)."""
+        scaler = self.accelerator.scaler
+        return {
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+        }
 
-def _loaders(data: Splits, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
-    if batch_size > len(data.train):
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and state["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(values, "mean")
+
+
+def _accelerator(trainer: DictConfig) -> Accelerator:
+    if trainer.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
+    if trainer.precision == "fp16" and (trainer.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError("trainer.precision", "fp16 needs a CUDA device (loss scaling is GPU-only); use bf16 or no")
+    # Each run sets its own precision, also when one process runs several (tests, sequential sweeps).
+    AcceleratorState._reset_state()
+    # Batches are global and split over the processes; an epoch's order is a function of (seed, epoch).
+    loading = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed)
+    try:
+        # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
+        cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+        return Accelerator(mixed_precision=trainer.precision, cpu=cpu, dataloader_config=loading)
+    except ValueError as error:
+        raise ConfigError(
+            "trainer.device", f"cpu inside a GPU launch is not possible; launch with ACCELERATE_USE_CPU=1 ({error})"
+        ) from None
+
+
+def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoader, DataLoader]:
+    batch, accumulate = trainer.batch_size, trainer.grad_accum
+    if batch % (processes * accumulate):
         raise ConfigError(
             "trainer.batch_size",
-            f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch_size}",
+            f"must be a multiple of processes x trainer.grad_accum = {processes} x {accumulate}, got {batch}",
         )
-    order = torch.Generator().manual_seed(seed)
-    train = DataLoader(data.train, batch_size, shuffle=True, drop_last=True, collate_fn=keep_batch, generator=order)
-    return train, DataLoader(data.val, batch_size, collate_fn=keep_batch)
+    if batch > len(data.train):
+        raise ConfigError(
+            "trainer.batch_size",
+            f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch}",
+        )
+    order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
+    micro = batch // accumulate  # all processes together; Accelerate hands each its share
+    train = DataLoader(data.train, micro, shuffle=True, drop_last=True, collate_fn=keep_batch, generator=order)
+    return train, DataLoader(data.val, micro, collate_fn=keep_batch)
 
 
-def prepare(cfg: DictConfig) -> Session:
-    """Build and check everything except the policy; nothing is trained or tracked yet."""
+def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
+    """Build and check everything except the policy; nothing is trained or tracked yet.
+
+    With ``trainer.find_batch_size`` (and ``search_batch``), ``cfg.trainer.batch_size`` is set to
+    the largest batch that trains on this device.
+    """
     trainer = cfg.trainer
     check_trainer(trainer)
     set_seed(trainer.seed)
-    if trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
-    accelerator = Accelerator(mixed_precision=trainer.precision, cpu=trainer.device == "cpu")
+    accelerator = _accelerator(trainer)
     data = instantiate(cfg.dataset, "dataset")
-    train_loader, val_loader = _loaders(data, trainer.batch_size, trainer.seed)
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=1e-3)  # the policy sets lr every step
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = len(train_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if trainer.find_batch_size and search_batch:
+        trainer.batch_size = find_batch_size(
+            accelerator, model, optimizer, data.train, trainer.grad_accum, trainer.max_batch_size
+        )
+        log.info("largest batch that trains: %d", trainer.batch_size)
+    train_loader, val_loader = accelerator.prepare(*_loaders(data, trainer, accelerator.num_processes))
+    steps_per_epoch = len(train_loader) // trainer.grad_accum
     return Session(
         cfg=cfg,
         accelerator=accelerator,
@@ -166,8 +257,9 @@ def _check_momentum(session: Session, policy: Policy, group: str) -> None:
         )
 
 
-def _progress_bar(cfg: DictConfig, total: int) -> tqdm:
-    quiet = not cfg.trainer.progress or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+def _progress_bar(session: Session, total: int) -> tqdm:
+    quiet = not session.cfg.trainer.progress or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    quiet = quiet or not session.accelerator.is_main_process
     return tqdm(total=total, unit="step", disable=quiet, dynamic_ncols=True)
 
 
@@ -182,62 +274,127 @@ def _log_config(tracker: Tracker, cfg: DictConfig, output_dir: Path) -> None:
     tracker.params(flatten(cfg))
     tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
     if (output_dir / ".hydra").is_dir():
-        tracker.client.log_artifacts(tracker.run_id, str(output_dir / ".hydra"), "config/hydra")
+        tracker.artifacts(output_dir / ".hydra", "config/hydra")
 
 
-def fit(session: Session, policy: Policy, tracker: Tracker, output_dir: Path) -> Result:
-    """Train for ``trainer.epochs``, logging every step and every evaluation."""
-    cfg, trainer = session.cfg, session.cfg.trainer
-    bar = _progress_bar(cfg, session.total_steps)
+@dataclass
+class Progress:
+    """Where a training run stands: all a checkpoint needs besides weights and generators."""
+
+    step: int = 0
+    best: float = 0.0
+    scores: dict[str, float] | None = None
+    skipped: int = 0  # optimizer steps the fp16 loss scaler skipped
+    seconds: float = 0.0
+
+
+def _write_checkpoint(
+    session: Session, progress: Progress, recorder: Recorder, tracker: Tracker, output_dir: Path, node: DictConfig
+) -> None:
+    """Everything to continue this run exactly, once its metrics so far are safely in the store."""
+    keep = session.cfg.trainer.keep_last
+    if not keep:
+        return
+    recorder.drain()
+    tracker.sync()  # a resumed run continues right after the last point the store holds
+    generators = gather_object([checkpoint.rng_state()])  # every process's own
+    if session.accelerator.is_main_process:
+        payload = {
+            **session.state(),
+            **progress.__dict__,
+            "rng": generators,
+            "record": recorder.state(),
+            "run_id": tracker.run_id,
+            "config": OmegaConf.to_container(session.cfg, resolve=True),
+            "policy": OmegaConf.to_container(node, resolve=True),
+        }
+        checkpoint.save(payload, checkpoint.path_for(output_dir / checkpoint.DIRECTORY, progress.step), keep)
+
+
+def fit(
+    session: Session,
+    policy: Policy,
+    tracker: Tracker,
+    output_dir: Path,
+    node: DictConfig,
+    resumed: Mapping[str, Any] | None = None,
+) -> Result:
+    """Train for ``trainer.epochs`` (from a checkpoint's position, if given), logging every step."""
+    cfg, trainer, accelerator = session.cfg, session.cfg.trainer, session.accelerator
+    per_epoch = session.steps_per_epoch
+    progress = Progress()
+    bar = _progress_bar(session, session.total_steps)
     recorder = Recorder(
         tracker,
         session.momentum,
         trainer.log_every,
+        reduce=session.reduce_mean,
         on_drain=lambda n, lr, loss: (bar.update(n), bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.4f}")),
     )
-    start, step, scores, best = time.perf_counter(), 0, {}, 0.0
+    if resumed is not None:
+        progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__})
+        session.load_state(resumed)
+        checkpoint.set_rng_state(resumed["rng"][accelerator.process_index % len(resumed["rng"])])
+        recorder.load(resumed["record"])
+        bar.update(progress.step)
+
+    def save() -> None:
+        progress.seconds = time.perf_counter() - start
+        _write_checkpoint(session, progress, recorder, tracker, output_dir, node)
+
+    start = time.perf_counter() - progress.seconds
     session.model.train()
-    for epoch in range(1, trainer.epochs + 1):
-        session.train_loader.set_epoch(epoch - 1)
-        for images, labels in session.train_loader:
-            session.policy_step(policy, step, images, labels, recorder)
-            step += 1
+    for epoch in range(progress.step // per_epoch, trainer.epochs):
+        for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
+            session.policy_step(policy, progress.step, micro, recorder)
+            progress.step += 1
+            # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
+            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+                progress.skipped += 1
+                tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
+            if trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and progress.step % per_epoch:
+                save()
         recorder.drain()
-        if epoch % trainer.eval_every == 0 or epoch == trainer.epochs:
-            scores = session.evaluate()
-            best = max(best, scores["val_acc"])
-            epoch_loss = recorder.epoch_loss(session.steps_per_epoch)
-            tracker.metrics({"epoch": epoch, "train_loss_epoch": epoch_loss, **scores}, step)
-    seconds = time.perf_counter() - start
+        if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
+            progress.scores = session.evaluate()
+            progress.best = max(progress.best, progress.scores["val_acc"])
+            epoch_loss = recorder.epoch_loss(per_epoch)
+            tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
+        if accelerator.scaler is not None:
+            amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
+            tracker.metrics(amp, progress.step)
+        save()
     bar.close()
-    tracker.metrics({"best_val_acc": best, "train_seconds": seconds, "steps": step}, step)
+    progress.seconds = time.perf_counter() - start
+    totals = {"best_val_acc": progress.best, "train_seconds": progress.seconds, "steps": progress.step}
+    tracker.metrics(totals, progress.step)
     figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
     tracker.figure(figure, "plots/schedule.png")
-    if trainer.save_model:
-        _save(session.accelerator.unwrap_model(session.model), output_dir / "model.pt")
+    if trainer.save_model and accelerator.is_main_process:
+        _save(accelerator.unwrap_model(session.model), output_dir / "model.pt")
         tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
     return Result(
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,
         experiment=cfg.tracking.experiment,
-        steps=step,
-        seconds=seconds,
-        val_loss=scores["val_loss"],
-        val_acc=scores["val_acc"],
-        best_val_acc=best,
+        steps=progress.step,
+        seconds=progress.seconds,
+        val_loss=progress.scores["val_loss"],
+        val_acc=progress.scores["val_acc"],
+        best_val_acc=progress.best,
     )
 
 
 def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: Path, group: str) -> Result:
     """The LR range test as a tracked run: per-step curve, suggestions, plot and CSV."""
-    accelerator = session.accelerator
-    bar = _progress_bar(session.cfg, policy.num_iter)
+    bar = _progress_bar(session, policy.num_iter)
 
-    def train_step(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float | None]:
-        loss, logits = session.step(*batch)
+    def train_step(micro: list[Batch]) -> tuple[float, float | None]:
+        loss, outputs = session.step(micro)
+        logits, labels = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         # Every process decides on the same numbers: the loss and accuracy averaged over ranks.
-        accuracy = torch.tensor(batch_accuracy(logits, batch[1]), device=loss.device)
-        loss, accuracy = accelerator.reduce(torch.stack([loss.float(), accuracy]), "mean").tolist()
+        accuracy = torch.tensor(batch_accuracy(logits, labels), device=loss.device)
+        loss, accuracy = session.reduce_mean(torch.stack([loss.float(), accuracy])).tolist()
         return loss, accuracy
 
     def on_step(step: int, hyper: Hyper, curve: Curve) -> None:
@@ -334,58 +491,41 @@ def _cached_suggestions(client: MlflowClient, experiment: str, key: str) -> tupl
     }
 
 
-@dataclass
-class _Snapshot:
-    """What a range test changes and training must start from: weights, optimizer, RNGs, data order."""
-
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    rng: tuple[Any, ...]
-    data_order: torch.Tensor
-
-    @classmethod
-    def take(cls, session: Session) -> _Snapshot:
-        rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        if torch.cuda.is_available():
-            rng += (torch.cuda.get_rng_state_all(),)
-        return cls(
-            copy.deepcopy(session.model.state_dict()),
-            copy.deepcopy(session.optimizer.state_dict()),
-            rng,
-            session.train_loader.base_dataloader.generator.get_state(),
-        )
-
-    def restore(self, session: Session) -> None:
-        session.model.load_state_dict(self.model)
-        session.optimizer.load_state_dict(self.optimizer)
-        torch.set_rng_state(self.rng[0])
-        np.random.set_state(self.rng[1])
-        random.setstate(self.rng[2])
-        if len(self.rng) > 3:
-            torch.cuda.set_rng_state_all(self.rng[3])
-        session.train_loader.base_dataloader.generator.set_state(self.data_order)
+@contextlib.contextmanager
+def _run(
+    session: Session, client: MlflowClient | None, name: str | None, tags: Mapping[str, str], resume: str | None = None
+) -> Iterator[Tracker | Silent]:
+    """The MLflow run of the main process; every other process records into nothing."""
+    if not session.accelerator.is_main_process:
+        yield Silent()
+        return
+    with tracked_run(client, session.cfg.tracking.experiment, name, tags, resume) as tracker:
+        yield tracker
 
 
 def auto_bounds(
-    session: Session, client: MlflowClient, output_dir: Path, run_tags: Mapping[str, str]
+    session: Session, client: MlflowClient | None, output_dir: Path, run_tags: Mapping[str, str]
 ) -> tuple[dict[str, float], str, str]:
     """Bounds for the ``auto`` keys from a range test (cached in the store by its inputs).
 
-    Returns (bounds, rule, range-test run id). Weights, optimizer state, random generators and
-    the data order are put back, so training starts exactly as it would with typed-in bounds.
+    Returns (bounds, rule, range-test run id). Weights, optimizer state and random generators are
+    put back (the data order depends on the epoch only), so training starts exactly as it would
+    with typed-in bounds.
     """
     cfg = session.cfg
     policy = build_policy(cfg.range_test, session.steps_per_epoch, session.total_steps, "range_test")
     key = _range_test_key(cfg, policy.num_iter)
-    cached = _cached_suggestions(client, cfg.tracking.experiment, key)
+    cached = _cached_suggestions(client, cfg.tracking.experiment, key) if client is not None else None
+    [cached] = broadcast_object_list([cached])  # the main process looked; all take its answer
     if cached is None:
-        snapshot = _Snapshot.take(session)
+        saved = copy.deepcopy(session.state()), checkpoint.rng_state()
         tags = {k: v for k, v in run_tags.items() if k not in JOB_TAGS}
         tags.update({"clrx.range_test_key": key, "clrx.policy": "range_test"})
-        with tracked_run(client, cfg.tracking.experiment, "range test", tags) as tracker:
+        with _run(session, client, "range test", tags) as tracker:
             _log_config(tracker, cfg, output_dir)
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
-        snapshot.restore(session)
+        session.load_state(saved[0])
+        checkpoint.set_rng_state(saved[1])
         cached = result.run_id, result.suggestions
     run_id, suggestions = cached
     if policy.rule not in suggestions:
@@ -396,7 +536,7 @@ def auto_bounds(
     return {"base_lr": base_lr, "max_lr": max_lr}, policy.rule, run_id
 
 
-def _resolve_auto(session: Session, client: MlflowClient, output_dir: Path, tags: dict[str, str]) -> DictConfig:
+def _resolve_auto(session: Session, client: MlflowClient | None, output_dir: Path, tags: dict[str, str]) -> DictConfig:
     """The policy node with automatic LRs filled in; checks the rest of it before any range test."""
     node = session.cfg.policy
     auto = _auto_keys(node)
@@ -411,6 +551,20 @@ def _resolve_auto(session: Session, client: MlflowClient, output_dir: Path, tags
     tags.update({f"clrx.auto.{key}": f"{resolved[key]:.6g}" for key in auto})
     log.info("LRs by range test (rule %s): %s", rule, ", ".join(f"{k}={resolved[k]:.4g}" for k in auto))
     return resolved
+
+
+def _check_unchanged(cfg: DictConfig, saved: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume under a config that would compute something else than the checkpoint's run."""
+    now, then = flatten(cfg), flatten(saved)
+    differ = {key for key in now.keys() | then.keys() if now.get(key) != then.get(key)}
+    changed = sorted(key for key in differ if not key.startswith(RESUMABLE_CHANGES))
+    if changed and not cfg.trainer.resume_changed:
+        differences = ", ".join(f"{key} ({then.get(key, '-')} -> {now.get(key, '-')})" for key in changed)
+        raise ConfigError(
+            "trainer.resume",
+            f"the config differs from checkpoint {path}'s in {differences}; "
+            "use the same values, or add trainer.resume_changed=true to resume anyway",
+        )
 
 
 def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
@@ -438,9 +592,17 @@ def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
 def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None) -> Result | None:
     """Build everything ``cfg`` describes, check it, then train (or range-test) one MLflow run.
 
-    With ``trainer.dry_run`` only the schedule is shown (and None returned).
+    With ``trainer.resume`` a run continues from a checkpoint, in the same MLflow run. With
+    ``trainer.dry_run`` only the schedule is shown (and None returned).
     """
-    session = prepare(cfg)
+    check_trainer(cfg.trainer)
+    resumed = checkpoint.find(cfg.trainer.resume, output_dir)
+    if resumed is not None:
+        path, saved = resumed
+        if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
+            cfg.trainer.batch_size = saved["config"]["trainer"]["batch_size"]
+        _check_unchanged(cfg, saved["config"], path)
+    session = prepare(cfg, search_batch=resumed is None)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.dry_run:
         if _auto_keys(cfg.policy):
@@ -449,15 +611,24 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         _check_momentum(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
-    client = open_store(cfg.tracking.uri or default_uri())
+    main = session.accelerator.is_main_process
+    client = open_store(cfg.tracking.uri or default_uri()) if main else None
     run_tags = {"mlflow.source.name": "clrx", "clrx.output_dir": str(output_dir), **(tags or {})}
-    node = _resolve_auto(session, client, output_dir, run_tags)
+    if resumed is not None and OmegaConf.to_container(cfg.policy, resolve=True) == saved["config"]["policy"]:
+        node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
+    else:
+        node = _resolve_auto(session, client, output_dir, run_tags)
     policy = build_policy(node, session.steps_per_epoch, session.total_steps)
     _check_momentum(session, policy, "policy")
-    with tracked_run(client, cfg.tracking.experiment, cfg.tracking.run_name, run_tags) as tracker:
-        _log_config(tracker, cfg, output_dir)
+    if resumed is not None:
+        run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
+        log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])
+    resume_id = None if resumed is None else saved["run_id"]
+    with _run(session, client, cfg.tracking.run_name, run_tags, resume_id) as tracker:
+        if resumed is None:
+            _log_config(tracker, cfg, output_dir)
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in _auto_keys(cfg.policy)})
-        return fit(session, policy, tracker, output_dir)
+        return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)

@@ -80,6 +80,12 @@ BAD_INPUT = [
     (["trainer.batch_size=5000"], "trainer.batch_size"),
     (["trainer.epochs=abc"], "trainer.epochs"),
     (["tracking.uri=sqlite:///{blocked}/mlflow.db"], "tracking.uri"),
+    (["trainer.grad_accum=0"], "trainer.grad_accum: must be at least 1, got 0"),
+    (["trainer.grad_accum=3"], "trainer.batch_size: must be a multiple of processes x trainer.grad_accum = 1 x 3"),
+    (["trainer.precision=fp16", "trainer.device=cpu"], "trainer.precision: fp16 needs a CUDA device"),
+    (["trainer.precision=fp32"], "trainer.precision: must be one of no, bf16, fp16"),
+    (["trainer.resume={blocked}_missing"], "does not exist; give a checkpoint, its folder or auto"),
+    (["trainer.resume={blocked}"], "cannot be read"),
 ]
 
 

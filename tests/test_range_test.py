@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
+from clrx.checkpoint import rng_state
 from clrx.config import compose_run
 from clrx.errors import ConfigError
 from clrx.policies import LRRange
 from clrx.range_test import Curve, bounds, lr_range_test, suggest
-from clrx.train import _range_test_key, _Snapshot, auto_bounds, prepare, train
+from clrx.train import _range_test_key, auto_bounds, prepare, train
 from tests.conftest import ROOT, main_in_process
 
 
@@ -121,12 +122,13 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
     cfg = compose_run("policy.base_lr=auto", "policy.max_lr=auto", *common)
 
     session = prepare(cfg)
-    before = _Snapshot.take(session)
+    before, first_batch = copy.deepcopy(session.state()), next(session.epoch(0))[0][1]
+    generators = rng_state()
     found, rule, range_run = auto_bounds(session, client, tmp_path, {})
-    after = _Snapshot.take(session)
-    assert all(torch.equal(before.model[k], after.model[k]) for k in before.model)
-    assert before.optimizer == after.optimizer and torch.equal(before.rng[0], after.rng[0])
-    assert torch.equal(before.data_order, after.data_order)
+    after = session.state()
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert before["optimizer"] == after["optimizer"] and torch.equal(generators["torch"], rng_state()["torch"])
+    assert torch.equal(first_batch, next(session.epoch(0))[0][1])  # the labels of training's first batch
     assert 0 < found["base_lr"] < found["max_lr"] < 10 and rule == "minimum/10"
 
     auto = train(cfg, tmp_path / "auto")  # the cached test: no second range-test run

@@ -9,32 +9,16 @@ from pathlib import Path
 
 from clrx.build import build_policy
 from clrx.config import compose_run
+from clrx.tracking import Silent
 from clrx.train import find_range, prepare
-
-
-class Untracked:
-    """Stands in for the MLflow run: this test is about what each rank decides."""
-
-    run_id, uri = "none", "none"
-
-    def metrics(self, values, step):
-        pass
-
-    def artifact(self, path, artifact_path=None):
-        pass
-
-    def figure(self, figure, artifact_file):
-        pass
-
-    def tags(self, values):
-        pass
 
 
 def main(out: Path) -> None:
     cfg = compose_run("policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32")
     session = prepare(cfg)
     policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
-    result = find_range(session, policy, Untracked(), out / f"rank{session.accelerator.process_index}", "policy")
+    # No MLflow run: this test is about what each rank decides.
+    result = find_range(session, policy, Silent(), out / f"rank{session.accelerator.process_index}", "policy")
     decided = {
         "steps": result.steps,
         "world": session.accelerator.num_processes,

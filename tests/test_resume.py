@@ -1,0 +1,107 @@
+"""Checkpoints and resume: a run killed mid-epoch continues exactly where it was, in the same MLflow run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clrx import checkpoint
+from clrx.config import compose_run
+from clrx.errors import ConfigError
+from clrx.train import train
+from tests.conftest import main_in_process
+
+PER_EPOCH = 1437 // 64
+EPOCHS = 4
+RUN = ("trainer.epochs=4", "trainer.checkpoint_every=5", "trainer.keep_last=3", "trainer.save_model=false")
+
+
+def _points(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def _start(tmp_path, uri, run_dir):
+    env = {**os.environ, "CI": "true"}
+    args = [sys.executable, "-m", "clrx", *RUN, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_after_checkpoint(process, directory, step):
+    """SIGKILL the run as soon as a checkpoint at ``step`` or later exists: mid-epoch, no clean-up."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if any(int(p.stem.split("-")[1]) >= step for p in directory.glob("step-*.pt")):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.01)
+    pytest.fail(f"no checkpoint at step {step} before the run ended: {process.stderr.read().decode()[-2000:]}")
+
+
+def test_killed_run_resumes_into_the_same_mlflow_run_with_identical_steps(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+    reference = train(compose_run(*RUN, "trainer.progress=false", f"tracking.uri={uri}"), tmp_path / "reference")
+
+    run_dir = tmp_path / "run"
+    process = _start(tmp_path, uri, run_dir)
+    _kill_after_checkpoint(process, run_dir / checkpoint.DIRECTORY, 2 * PER_EPOCH + 5)
+    runs = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
+    [killed] = [run for run in runs if run.info.run_id != reference.run_id]
+    assert killed.info.status == "RUNNING"  # a SIGKILL leaves no chance to close it
+    saved = sorted(int(p.stem.split("-")[1]) for p in (run_dir / checkpoint.DIRECTORY).glob("step-*.pt"))
+    assert len(saved) == 3 and not list(run_dir.glob("checkpoints/*.partial"))
+    newest = checkpoint.path_for(run_dir / checkpoint.DIRECTORY, saved[-1])
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn: the one before must be used
+
+    resume = (*RUN, "trainer.resume=auto", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}")
+    status, stderr = main_in_process(*resume, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, stderr
+    log = (run_dir / "__main__.log").read_text()
+    assert f"{newest} cannot be read" in log and f"step {saved[-2]}" in log
+
+    resumed = client.get_run(killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and "clrx.failure" not in resumed.data.tags
+    assert f"step-{saved[-2]:08d}.pt" in resumed.data.tags["clrx.resumed_from"]
+    total = EPOCHS * PER_EPOCH
+    for key in ("lr", "momentum", "train_loss"):
+        points = _points(client, killed.info.run_id, key)
+        assert [step for step, _ in points] == list(range(total)), key  # no gap, no duplicate
+        assert points == _points(client, reference.run_id, key), key  # same values, losses included
+    for key in ("val_acc", "val_loss", "train_loss_epoch", "best_val_acc"):
+        assert _points(client, killed.info.run_id, key) == _points(client, reference.run_id, key), key
+
+
+def test_resume_refuses_a_changed_schedule_and_names_what_changed(tmp_path, store):
+    uri, _ = store
+    run_dir = tmp_path / "run"
+    train(compose_run("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}"), run_dir)
+    changed = compose_run("trainer.epochs=1", "policy.max_lr=1.0", "trainer.resume=auto", f"tracking.uri={uri}")
+    expected = r"differs from checkpoint .* in policy.max_lr \(0.5 -> 1.0\); .* trainer.resume_changed=true"
+    with pytest.raises(ConfigError, match=expected):
+        train(changed, run_dir)
+    changed.trainer.resume_changed = True
+    assert train(changed, run_dir).steps == PER_EPOCH  # finished already: nothing left to train
+
+
+def test_checkpoints_are_kept_as_asked_and_none_are_written_with_keep_last_zero(tmp_path, store):
+    uri, _ = store
+    common = ("trainer.epochs=2", "trainer.checkpoint_every=4", "trainer.progress=false", f"tracking.uri={uri}")
+    train(compose_run(*common, "trainer.keep_last=2"), tmp_path / "kept")
+    kept = sorted(p.name for p in (tmp_path / "kept" / checkpoint.DIRECTORY).iterdir())
+    assert kept == ["step-00000040.pt", "step-00000044.pt"]  # the last mid-epoch one and the end of epoch 2
+    train(compose_run(*common, "trainer.keep_last=0"), tmp_path / "none")
+    assert not (tmp_path / "none" / checkpoint.DIRECTORY).exists()
+
+
+def test_an_explicit_unreadable_checkpoint_is_an_error_not_a_fallback(tmp_path):
+    bad = tmp_path / "checkpoints" / "step-00000010.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        checkpoint.find(str(bad), tmp_path)
+    assert checkpoint.find("auto", tmp_path / "elsewhere") is None  # nothing to resume: start afresh
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        checkpoint.find(str(tmp_path), tmp_path)
