@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test ui lint format bench reproduce clean
+.PHONY: help install run test ui lint format bench bench-data reproduce clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,9 @@ ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
 
 bench: install ## time clrx's step against a hand-written loop; writes bench.json (ARGS="model.name=resnet18 ...")
 	$(PY) -m clrx.bench $(ARGS)
+
+bench-data: install ## input-pipeline images/s next to the training step rate; writes throughput.json
+	$(PY) -m clrx.throughput $(ARGS)
 
 reproduce: install ## the papers' claims at small scale, 3 seeds; writes reproduce/ (ARGS="--seeds 5 ...")
 	$(PY) -m clrx.reproduce $(ARGS)

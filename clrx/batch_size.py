@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
 
 from clrx.checkpoint import rng_state, set_rng_state
+from clrx.data import Splits
 from clrx.errors import ConfigError
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -53,7 +54,7 @@ def find_batch_size(
     accelerator: Accelerator,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    dataset: Dataset,
+    data: Splits,
     grad_accum: int,
     cap: int,
 ) -> int:
@@ -61,7 +62,7 @@ def find_batch_size(
 
     Model, optimizer and random generators are put back afterwards: the probe steps leave no trace.
     """
-    unit = accelerator.num_processes * grad_accum
+    dataset, unit = data.train, accelerator.num_processes * grad_accum
     cap = min(cap, len(dataset)) // unit * unit
     if cap < 2 * unit:  # batch norm needs two images to normalize over
         raise ConfigError(
@@ -75,7 +76,8 @@ def find_batch_size(
         images, labels = default_collate([dataset[i] for i in range(micro)])
         try:
             with accelerator.no_sync(model):  # no collective a rank out of memory would leave waiting
-                loss = F.cross_entropy(model(images.to(accelerator.device)), labels.to(accelerator.device))
+                logits = model(data.pipeline(images.to(accelerator.device), train=True))
+                loss = F.cross_entropy(logits, labels.to(accelerator.device))
                 accelerator.backward(loss)
             optimizer.step()
             ok = True

@@ -25,24 +25,27 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import compose_run
-from clrx.data import keep_batch
+from clrx.data import build_data
 from clrx.recorder import Recorder
 from clrx.tracking import open_store, tracked_run
 from clrx.train import prepare, train
 
 
 def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
-    """The hand-written loop clrx is measured against: SGD-style optimizer, torch's OneCycleLR, no tracking."""
+    """The hand-written loop clrx is measured against: SGD-style optimizer, torch's OneCycleLR, no tracking.
+
+    It takes the same data, device-side augmentation and memory format as clrx's loop.
+    """
     set_seed(cfg.trainer.seed)
-    data = instantiate(cfg.dataset, "dataset")
+    data = build_data(cfg.dataset)
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
-    model.to(device).train()
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.policy.base_lr)
+    layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model.to(device, memory_format=layout).train()
+    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.policy.base_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=cfg.policy.max_lr,
@@ -51,7 +54,7 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
         anneal_strategy="linear",
         three_phase=True,
     )
-    loader = DataLoader(data.train, cfg.trainer.batch_size, shuffle=True, drop_last=True, collate_fn=keep_batch)
+    loader = data.loader(data.train, cfg.trainer.batch_size, train=True)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -64,6 +67,7 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
         for _ in range(steps):
             images, labels = next(stream)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            images = data.pipeline(images, train=True).contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = F.cross_entropy(model(images), labels)
             loss.backward()

@@ -7,12 +7,12 @@ that a typo fails with the full key and the allowed names, not deep inside a con
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from timm.optim import param_groups_weight_decay
 
 from clrx.errors import ConfigError
 from clrx.policies import Policy
@@ -108,16 +108,27 @@ def build_policy(
     return instantiate({"_target_": settings["_target_"]}, group, stages=tuple(stages))
 
 
-def build_optimizer(node: DictConfig, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The configured torch optimizer, its fractions and weight decay checked first."""
+def build_optimizer(node: DictConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The configured torch optimizer for ``model``, its fractions and weight decay checked first.
+
+    ``decay_bias_and_norm: false`` exempts biases and normalization weights (every parameter
+    with fewer than two dimensions) from weight decay, as timm's helper sorts them.
+    """
+    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     for key in OPTIMIZER_FRACTIONS:
-        value = node.get(key)
+        value = settings.get(key)
         if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ConfigError(f"optimizer.{key}", f"must be in [0, 1), got {value!r}")
-    for index, value in enumerate(node.get("betas") or ()):
+    for index, value in enumerate(settings.get("betas") or ()):
         if not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ConfigError(f"optimizer.betas[{index}]", f"must be in [0, 1), got {value!r}")
-    decay = node.get("weight_decay")
+    decay = settings.get("weight_decay")
     if decay is not None and not (isinstance(decay, (int, float)) and decay >= 0):
         raise ConfigError("optimizer.weight_decay", f"must be a number >= 0, got {decay!r}")
-    return instantiate(node, "optimizer", params=params, lr=lr)
+    every = settings.pop("decay_bias_and_norm", True)
+    if not isinstance(every, bool):
+        raise ConfigError("optimizer.decay_bias_and_norm", f"must be true or false, got {every!r}")
+    if every or not decay:
+        return instantiate(settings, "optimizer", params=model.parameters(), lr=lr)
+    groups = param_groups_weight_decay(model, settings.pop("weight_decay"))
+    return instantiate(settings, "optimizer", params=groups, lr=lr)

@@ -45,6 +45,8 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "no"
+    channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model (inductor); pays off on GPUs, slow to start on CPU
     progress: bool = True
     save_model: bool = True
     dry_run: bool = False  # print and plot the schedule, train nothing

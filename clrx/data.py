@@ -1,15 +1,24 @@
-"""Datasets that ship with a package or are generated, held in memory as tensors."""
+"""What a run trains on: a train/validation pair, and the datasets that need no files.
+
+Datasets read from files live in ``clrx.datasets``; all of them arrive here as ``Splits``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
+from clrx.augment import Pipeline
+from clrx.build import instantiate
 from clrx.errors import ConfigError
+
+LIMITS = ("limit_train", "limit_val")  # any dataset: train or validate on a fixed random subset
 
 
 class TensorImages(Dataset):
@@ -28,6 +37,9 @@ class TensorImages(Dataset):
         index = torch.as_tensor(indices)
         return self.images[index], self.labels[index]
 
+    def subset(self, indices: torch.Tensor) -> TensorImages:
+        return TensorImages(self.images[indices], self.labels[indices])
+
 
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """collate_fn for TensorImages, whose __getitems__ already returns a stacked batch."""
@@ -36,13 +48,64 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 
 @dataclass(frozen=True)
 class Splits:
-    """A train/validation pair plus the shape facts the model is built from."""
+    """A train/validation pair, the shape facts the model is built from, and how batches are made.
+
+    In-memory datasets hand out whole batches and are augmented on the device by ``pipeline``;
+    folder datasets decode and augment per image in ``num_workers`` DataLoader processes.
+    """
 
     name: str
-    train: TensorImages
-    val: TensorImages
+    train: Dataset
+    val: Dataset
     num_classes: int
     in_chans: int
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    classes: tuple[str, ...] = ()
+    num_workers: int = 0
+
+    @property
+    def collate(self) -> Callable[[Any], Any]:
+        return keep_batch if isinstance(self.train, TensorImages) else default_collate
+
+    def loader(self, part: Dataset, batch_size: int, train: bool, order: torch.Generator | None = None) -> DataLoader:
+        """Batches of ``part``: shuffled whole batches for training; worker processes if the dataset needs them."""
+        return DataLoader(
+            part,
+            batch_size,
+            shuffle=train,
+            drop_last=train,
+            generator=order,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.num_workers > 0 and torch.cuda.is_available(),
+        )
+
+    def limited(self, limit_train: int | None, limit_val: int | None) -> Splits:
+        """The same data cut to a fixed random subset of each part, for quick runs."""
+        return replace(
+            self, train=_subset(self.train, limit_train, "limit_train"), val=_subset(self.val, limit_val, "limit_val")
+        )
+
+
+def _subset(dataset: Dataset, count: int | None, setting: str) -> Dataset:
+    if count is None:
+        return dataset
+    _check_positive(setting, count)
+    if count >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+    return dataset.subset(keep) if isinstance(dataset, TensorImages) else Subset(dataset, keep.tolist())
+
+
+def build_data(node: DictConfig) -> Splits:
+    """The configured dataset, cut to ``limit_train``/``limit_val`` images if set."""
+    settings = OmegaConf.to_container(node, resolve=True)
+    limits = {key: settings.pop(key, None) for key in LIMITS}
+    try:
+        return instantiate(settings, "dataset").limited(**limits)
+    except ConfigError as error:
+        raise (error if error.setting.startswith("dataset.") else error.within("dataset")) from None
 
 
 def _check_positive(setting: str, value: object) -> None:

@@ -37,7 +37,7 @@ from clrx import checkpoint
 from clrx.batch_size import find_batch_size
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import check_trainer
-from clrx.data import Splits, keep_batch
+from clrx.data import Splits, build_data
 from clrx.errors import ConfigError
 from clrx.optim import applied_momentum, apply_hyper, momentum_name
 from clrx.plots import schedule_figure
@@ -108,7 +108,7 @@ class Session:
         for index, (images, labels) in enumerate(micro):
             last = index == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                logits = self.model(images)
+                logits = self.model(self.inputs(images, train=True))
                 loss = F.cross_entropy(logits, labels)
                 self.accelerator.backward(loss / len(micro))
             total = total + loss.detach()
@@ -150,24 +150,37 @@ class Session:
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
         for images, labels in self.val_loader:
-            logits, labels = self.accelerator.gather_for_metrics((self.model(images), labels))
+            logits = self.model(self.inputs(images, train=False))
+            logits, labels = self.accelerator.gather_for_metrics((logits, labels))
             loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             count += len(labels)
         self.model.train()
         return {"val_loss": loss_sum / count, "val_acc": correct / count}
 
+    def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """A batch as the model takes it: augmented (training) and normalized on the device."""
+        images = self.data.pipeline(images, train)
+        if self.cfg.trainer.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @property
+    def plain_model(self) -> torch.nn.Module:
+        """The model without DDP or torch.compile wrappers: its weights load into a freshly built one."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
     def state(self) -> dict[str, Any]:
         """Weights, optimizer and loss-scaler state, as they are now (not copies)."""
         scaler = self.accelerator.scaler
         return {
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "model": self.plain_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": None if scaler is None else scaler.state_dict(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.plain_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -188,7 +201,12 @@ def _accelerator(trainer: DictConfig) -> Accelerator:
     try:
         # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
         cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
-        return Accelerator(mixed_precision=trainer.precision, cpu=cpu, dataloader_config=loading)
+        return Accelerator(
+            mixed_precision=trainer.precision,
+            cpu=cpu,
+            dataloader_config=loading,
+            dynamo_backend="inductor" if trainer.compile else "no",
+        )
     except ValueError as error:
         raise ConfigError(
             "trainer.device", f"cpu inside a GPU launch is not possible; launch with ACCELERATE_USE_CPU=1 ({error})"
@@ -207,10 +225,9 @@ def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoa
             "trainer.batch_size",
             f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch}",
         )
-    order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
     micro = batch // accumulate  # all processes together; Accelerate hands each its share
-    train = DataLoader(data.train, micro, shuffle=True, drop_last=True, collate_fn=keep_batch, generator=order)
-    return train, DataLoader(data.val, micro, collate_fn=keep_batch)
+    order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
+    return data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
 
 
 def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
@@ -221,15 +238,17 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     """
     trainer = cfg.trainer
     check_trainer(trainer)
-    set_seed(trainer.seed)
     accelerator = _accelerator(trainer)
-    data = instantiate(cfg.dataset, "dataset")
+    set_seed(trainer.seed, device_specific=True)  # each process its own augmentation; weights come from rank 0
+    data = build_data(cfg.dataset)
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=1e-3)  # the policy sets lr every step
+    if trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
     model, optimizer = accelerator.prepare(model, optimizer)
     if trainer.find_batch_size and search_batch:
         trainer.batch_size = find_batch_size(
-            accelerator, model, optimizer, data.train, trainer.grad_accum, trainer.max_batch_size
+            accelerator, model, optimizer, data, trainer.grad_accum, trainer.max_batch_size
         )
         log.info("largest batch that trains: %d", trainer.batch_size)
     train_loader, val_loader = accelerator.prepare(*_loaders(data, trainer, accelerator.num_processes))
@@ -252,7 +271,8 @@ def _check_momentum(session: Session, policy: Policy, group: str) -> None:
     if session.momentum is None and policy(0).momentum is not None:
         raise ConfigError(
             f"{group}.max_momentum",
-            f"{type(session.optimizer).__name__} has no momentum or betas to cycle; set {group}.base_momentum and "
+            f"{type(getattr(session.optimizer, 'optimizer', session.optimizer)).__name__} has no momentum or betas "
+            f"to cycle; set {group}.base_momentum and "
             f"{group}.max_momentum (or {group}.momentum) to null",
         )
 
@@ -270,9 +290,14 @@ def _save(model: torch.nn.Module, path: Path) -> None:
     os.replace(partial, path)
 
 
-def _log_config(tracker: Tracker, cfg: DictConfig, output_dir: Path) -> None:
-    tracker.params(flatten(cfg))
+def _log_config(tracker: Tracker, session: Session, output_dir: Path) -> None:
+    """The config as run, plus what the data turned out to be (sizes, classes)."""
+    cfg, data = session.cfg, session.data
+    sizes = {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes}
+    tracker.params({**flatten(cfg), **flatten(sizes, "data.")})
     tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    if data.classes:
+        tracker.text("\n".join(data.classes) + "\n", "data/classes.txt")
     if (output_dir / ".hydra").is_dir():
         tracker.artifacts(output_dir / ".hydra", "config/hydra")
 
@@ -371,7 +396,7 @@ def fit(
     figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
     tracker.figure(figure, "plots/schedule.png")
     if trainer.save_model and accelerator.is_main_process:
-        _save(accelerator.unwrap_model(session.model), output_dir / "model.pt")
+        _save(session.plain_model, output_dir / "model.pt")
         tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
     return Result(
         run_id=tracker.run_id,
@@ -522,7 +547,7 @@ def auto_bounds(
         tags = {k: v for k, v in run_tags.items() if k not in JOB_TAGS}
         tags.update({"clrx.range_test_key": key, "clrx.policy": "range_test"})
         with _run(session, client, "range test", tags) as tracker:
-            _log_config(tracker, cfg, output_dir)
+            _log_config(tracker, session, output_dir)
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
         session.load_state(saved[0])
         checkpoint.set_rng_state(saved[1])
@@ -626,7 +651,7 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
     resume_id = None if resumed is None else saved["run_id"]
     with _run(session, client, cfg.tracking.run_name, run_tags, resume_id) as tracker:
         if resumed is None:
-            _log_config(tracker, cfg, output_dir)
+            _log_config(tracker, session, output_dir)
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:

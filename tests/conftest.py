@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from clrx.__main__ import main as clrx_main
 from clrx.config import register
 from clrx.sweep import register_sweeps
+from tests.datafiles import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 register()
@@ -24,6 +25,12 @@ def empty_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Small files in every dataset format: CIFAR-10/100, MNIST, Fashion-MNIST, and an image folder (``folder``)."""
+    return write_all(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture

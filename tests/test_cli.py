@@ -86,6 +86,10 @@ BAD_INPUT = [
     (["trainer.precision=fp32"], "trainer.precision: must be one of no, bf16, fp16"),
     (["trainer.resume={blocked}_missing"], "does not exist; give a checkpoint, its folder or auto"),
     (["trainer.resume={blocked}"], "cannot be read"),
+    (["optimizer=adagrad"], "policy.max_momentum: Adagrad has no momentum or betas to cycle"),
+    (["dataset=cifar10", "dataset.root={blocked}_none"], "dataset.root: CIFAR-10 files"),
+    (["dataset=imagefolder"], "dataset.root"),
+    (["model.pretrained={blocked}_none"], "model.pretrained"),
 ]
 
 

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import CONF, compose_run
+from clrx.data import build_data
 from clrx.errors import ConfigError
 from clrx.policies import Hyper
 
@@ -17,18 +19,22 @@ def test_groups_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes_and_builds(group, option):
-    cfg = compose_run(f"{group}={option}")
+def test_every_option_composes_and_builds(group, option, data_root):
+    # Datasets read the test's small files; models get 32x32 RGB images, the size their presets are for.
+    where = {"dataset": [f"dataset.root={data_root / 'folder' if option == 'imagefolder' else data_root}"]}
+    where["model"] = ["dataset=fake"]
+    cfg = compose_run(f"{group}={option}", *(where.get(group, []) if option not in ("digits", "fake") else []))
     assert cfg[group] is not None
-    data = instantiate(cfg.dataset, "dataset")
-    images, labels = data.train.__getitems__([0, 1])
+    data = build_data(cfg.dataset)
+    images, labels = next(iter(DataLoader(data.train, 2, collate_fn=data.collate)))
+    images = data.pipeline(images, train=True)
     assert images.shape[1] == data.in_chans and 0 <= labels.min() and labels.max() < data.num_classes
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     assert model(images).shape == (2, data.num_classes)
     policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
     first = policy(0)
     assert isinstance(first, Hyper) and first.lr > 0
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=first.lr)
+    optimizer = build_optimizer(cfg.optimizer, model, lr=first.lr)
     assert isinstance(optimizer, torch.optim.Optimizer)
 
 
@@ -85,7 +91,7 @@ def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):
 def test_bad_optimizer_settings_fail_with_the_full_key(overrides, setting):
     cfg = compose_run(*overrides)
     with pytest.raises(ConfigError) as raised:
-        build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        build_optimizer(cfg.optimizer, torch.nn.Linear(2, 2), lr=0.1)
     assert raised.value.setting == setting
 
 

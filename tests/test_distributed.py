@@ -116,11 +116,11 @@ def test_find_batch_size_stops_below_out_of_memory_and_leaves_no_trace():
     data = digits(image_size=8)
     accelerator = _accelerator(compose_run("trainer.device=cpu").trainer)
     model = _Capped(cap=100)
-    optimizer = build_optimizer(compose_run().optimizer, model.parameters(), lr=0.1)
+    optimizer = build_optimizer(compose_run().optimizer, model, lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert find_batch_size(accelerator, model, optimizer, data.train, grad_accum=1, cap=1024) == 100
-    assert find_batch_size(accelerator, model, optimizer, data.train, grad_accum=4, cap=1024) == 400  # per micro batch
-    assert find_batch_size(accelerator, model, optimizer, data.train, grad_accum=1, cap=48) == 48
+    assert find_batch_size(accelerator, model, optimizer, data, grad_accum=1, cap=1024) == 100
+    assert find_batch_size(accelerator, model, optimizer, data, grad_accum=4, cap=1024) == 400  # per micro batch
+    assert find_batch_size(accelerator, model, optimizer, data, grad_accum=1, cap=48) == 48
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
 
 

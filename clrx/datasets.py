@@ -1,0 +1,187 @@
+"""Research datasets from files in their usual formats: CIFAR-10/100, MNIST, Fashion-MNIST, image folders.
+
+Nothing is downloaded unless ``download`` is set. CIFAR and MNIST are small enough to hold in
+memory as uint8 tensors and are augmented in batches on the device (``clrx.augment``); image
+folders are decoded and augmented per image in DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets, transforms
+
+from clrx.augment import Pipeline
+from clrx.data import Splits, TensorImages
+from clrx.errors import ConfigError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# CIFAR's python version: folder, training files, test file, label key, meta file, names key.
+CIFAR = {
+    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", "batches.meta"),
+    100: ("cifar-100-python", ["train"], "test", "fine_labels", "meta"),
+}
+CIFAR_NAMES = {10: "label_names", 100: "fine_label_names"}
+MNIST = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}
+FOLDER_VAL = ("val", "test")
+
+
+def _pipeline(normalize: bool, mean: Sequence[float], std: Sequence[float], crop_padding: int, flip: bool) -> Pipeline:
+    if not isinstance(crop_padding, int) or isinstance(crop_padding, bool) or crop_padding < 0:
+        raise ConfigError("crop_padding", f"must be a whole number >= 0 (0: no random crop), got {crop_padding!r}")
+    if normalize and (len(mean) != len(std) or not all(s > 0 for s in std)):
+        raise ConfigError("std", f"needs one positive value per mean value, got mean {list(mean)}, std {list(std)}")
+    stats = (tuple(mean), tuple(std)) if normalize else (None, None)
+    return Pipeline(crop_padding, bool(flip), *stats)
+
+
+def _cifar(
+    classes: int, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool
+) -> Splits:
+    folder, train_files, test_file, label_key, meta_file = CIFAR[classes]
+    base = Path(root).expanduser() / folder
+    if download:
+        getattr(datasets, f"CIFAR{classes}")(root, train=True, download=True)  # fetches and verifies
+    missing = [name for name in [*train_files, test_file, meta_file] if not (base / name).is_file()]
+    if missing:
+        raise ConfigError(
+            "root",
+            f"CIFAR-{classes} files {', '.join(missing)} not found in {base}; set dataset.download=true "
+            f"(needs the network) or copy the extracted {folder} folder into {Path(root).expanduser()}",
+        )
+
+    def read(names: list[str]) -> TensorImages:
+        images, labels = [], []
+        for name in names:
+            with open(base / name, "rb") as file:
+                entry = pickle.load(file, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry[label_key])
+        return TensorImages(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+
+    with open(base / meta_file, "rb") as file:
+        names = tuple(pickle.load(file, encoding="latin1")[CIFAR_NAMES[classes]])
+    pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
+    return Splits(f"cifar{classes}", read(train_files), read([test_file]), classes, 3, pipeline, names)
+
+
+def cifar10(
+    root: str = "data",
+    download: bool = False,
+    normalize: bool = True,
+    mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
+    std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> Splits:
+    """CIFAR-10 from its python pickle batches in ``root/cifar-10-batches-py``; the test set validates."""
+    return _cifar(10, root, download, normalize, mean, std, crop_padding, flip)
+
+
+def cifar100(
+    root: str = "data",
+    download: bool = False,
+    normalize: bool = True,
+    mean: Sequence[float] = (0.5071, 0.4865, 0.4409),
+    std: Sequence[float] = (0.2673, 0.2564, 0.2762),
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> Splits:
+    """CIFAR-100 (fine labels) from ``root/cifar-100-python``; the test set validates."""
+    return _cifar(100, root, download, normalize, mean, std, crop_padding, flip)
+
+
+def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool) -> Splits:
+    reader = MNIST[kind]
+    try:
+        train, test = (reader(root, train=part, download=download) for part in (True, False))
+    except RuntimeError:
+        raw = Path(root).expanduser() / reader.__name__ / "raw"
+        files = ", ".join(Path(url).name.removesuffix(".gz") for url, _ in reader.resources)
+        raise ConfigError(
+            "root",
+            f"{reader.__name__} files not found in {raw}; set dataset.download=true (needs the network) or copy "
+            f"{files} there",
+        ) from None
+    pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
+    parts = [TensorImages(part.data.unsqueeze(1).contiguous(), part.targets.long()) for part in (train, test)]
+    return Splits(kind, *parts, len(train.classes), 1, pipeline, tuple(train.classes))
+
+
+def mnist(
+    root: str = "data",
+    download: bool = False,
+    normalize: bool = True,
+    mean: Sequence[float] = (0.1307,),
+    std: Sequence[float] = (0.3081,),
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> Splits:
+    """MNIST from its idx files in ``root/MNIST/raw`` (torchvision's layout); the test set validates."""
+    return _mnist("mnist", root, download, normalize, mean, std, crop_padding, flip)
+
+
+def fashion_mnist(
+    root: str = "data",
+    download: bool = False,
+    normalize: bool = True,
+    mean: Sequence[float] = (0.2860,),
+    std: Sequence[float] = (0.3530,),
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> Splits:
+    """Fashion-MNIST from ``root/FashionMNIST/raw``; the test set validates."""
+    return _mnist("fashion_mnist", root, download, normalize, mean, std, crop_padding, flip)
+
+
+def default_workers() -> int:
+    """Worker processes for decoding images: the cores this process may use, up to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def imagefolder(
+    root: str,
+    image_size: int = 224,
+    augment: bool = True,
+    normalize: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    num_workers: int | None = None,
+) -> Splits:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test``): ImageNet, Imagenette, exported sets.
+
+    Training images get a random resized crop and a flip (``augment``), evaluation images a resize
+    to 8/7 of ``image_size`` and a center crop, the ImageNet recipe.
+    """
+    base = Path(root).expanduser()
+    val_dir = next((base / name for name in FOLDER_VAL if (base / name).is_dir()), None)
+    if not (base / "train").is_dir() or val_dir is None:
+        raise ConfigError("root", f"{base} needs train/<class>/ and val/<class>/ (or test/<class>/) image folders")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ConfigError("image_size", f"must be a positive whole number, got {image_size!r}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ConfigError(
+            "num_workers", f"must be a whole number >= 0 (null: one per core, up to 8), got {num_workers!r}"
+        )
+    finish = [transforms.ToTensor()]
+    if normalize:
+        finish.append(transforms.Normalize(mean, std))
+    if augment:
+        train_steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+    else:
+        train_steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    evaluate = [transforms.Resize(round(image_size * 8 / 7)), transforms.CenterCrop(image_size)]
+    try:
+        train = datasets.ImageFolder(base / "train", transforms.Compose(train_steps + finish))
+        val = datasets.ImageFolder(val_dir, transforms.Compose(evaluate + finish))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise ConfigError("root", str(error).splitlines()[0]) from None
+    if val.classes != train.classes:
+        raise ConfigError("root", f"{val_dir} has classes {val.classes}, train has {train.classes}; they must match")
+    workers = default_workers() if num_workers is None else num_workers
+    return Splits(base.name, train, val, len(train.classes), 3, classes=tuple(train.classes), num_workers=workers)

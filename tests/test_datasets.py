@@ -1,0 +1,160 @@
+"""Dataset formats read from real (tiny) files, the device-side augmentation, models and optimizers."""
+
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from clrx.augment import Pipeline, random_crop, random_flip
+from clrx.build import build_optimizer, instantiate
+from clrx.config import compose_run
+from clrx.data import build_data
+from clrx.errors import ConfigError
+from clrx.train import train
+from tests.datafiles import CIFAR_SIZES
+
+FORMATS = {  # option: (shape of one image, classes, training images, validation images)
+    "cifar10": ((3, 32, 32), 10, CIFAR_SIZES["train"], CIFAR_SIZES["test"]),
+    "cifar100": ((3, 32, 32), 100, CIFAR_SIZES["train"], CIFAR_SIZES["test"]),
+    "mnist": ((1, 28, 28), 10, 64, 32),
+    "fashion_mnist": ((1, 28, 28), 10, 64, 32),
+    "imagefolder": ((3, 24, 24), 3, 36, 12),
+}
+
+
+def _dataset(option, root, *overrides):
+    where = root / "folder" if option == "imagefolder" else root
+    extra = ("dataset.image_size=24", "dataset.num_workers=0") if option == "imagefolder" else ()
+    return compose_run(f"dataset={option}", f"dataset.root={where}", *extra, *overrides)
+
+
+@pytest.mark.parametrize("option", FORMATS)
+def test_each_format_loads_with_the_right_shape_labels_and_normalization(option, data_root):
+    shape, classes, train_size, val_size = FORMATS[option]
+    data = build_data(_dataset(option, data_root).dataset)
+    assert (len(data.train), len(data.val), data.num_classes, data.in_chans) == (
+        train_size,
+        val_size,
+        classes,
+        shape[0],
+    )
+    assert len(data.classes) == classes
+    images, labels = next(iter(DataLoader(data.train, 8, collate_fn=data.collate)))
+    assert tuple(images.shape) == (8, *shape) and labels.dtype == torch.long
+    assert 0 <= labels.min() and labels.max() < classes
+    batch = data.pipeline(images, train=False)
+    assert batch.dtype == torch.float32 and tuple(batch.shape) == (8, *shape)
+    if option != "imagefolder":  # in memory as uint8, normalized on the device with the dataset's statistics
+        assert images.dtype == torch.uint8
+        mean = torch.tensor(data.pipeline.mean).view(1, -1, 1, 1)
+        std = torch.tensor(data.pipeline.std).view(1, -1, 1, 1)
+        assert torch.allclose(batch, (images.float() / 255 - mean) / std)
+    else:  # decoded, cropped and normalized per image in the workers
+        assert -3 < batch.mean() < 3 and batch.std() > 0.5
+
+
+@pytest.mark.parametrize("option", FORMATS)
+def test_one_short_training_run_per_format(option, data_root, store, tmp_path):
+    uri, client = store
+    overrides = ["trainer.epochs=1", "trainer.batch_size=8", "trainer.progress=false", f"tracking.uri={uri}"]
+    if option == "imagefolder":
+        overrides.append("dataset.num_workers=2")  # decoded in worker processes, as users run it
+    result = train(_dataset(option, data_root, *overrides), tmp_path)
+    assert result.steps == FORMATS[option][2] // 8 and 0 <= result.val_acc <= 1
+    params = client.get_run(result.run_id).data.params
+    assert params["dataset._target_"].endswith(option) and params["data.num_classes"] == str(FORMATS[option][1])
+    classes = client.download_artifacts(result.run_id, "data/classes.txt", str(tmp_path))
+    assert len(open(classes).read().splitlines()) == FORMATS[option][1]
+
+
+@pytest.mark.parametrize("option", ["cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder"])
+def test_missing_files_say_where_they_were_looked_for_and_how_to_get_them(option, tmp_path):
+    with pytest.raises(ConfigError) as raised:
+        build_data(_dataset(option, tmp_path).dataset)
+    message = str(raised.value)
+    assert raised.value.setting == "dataset.root" and str(tmp_path) in message and "\n" not in message
+    if option != "imagefolder":
+        assert "dataset.download=true" in message and "copy" in message
+
+
+def test_limits_cut_each_part_to_a_fixed_subset(data_root):
+    cfg = _dataset("cifar10", data_root, "dataset.limit_train=20", "dataset.limit_val=10")
+    first, second = build_data(cfg.dataset), build_data(cfg.dataset)
+    assert (len(first.train), len(first.val)) == (20, 10)
+    assert torch.equal(first.train.labels, second.train.labels)
+    with pytest.raises(ConfigError, match="dataset.limit_train: must be a positive whole number"):
+        build_data(_dataset("mnist", data_root, "dataset.limit_train=0").dataset)
+
+
+def _outcome(crops: torch.Tensor, candidates: torch.Tensor) -> list[int]:
+    """Which of the possible (offset, flip) results each crop is."""
+    flat = crops.flatten(1)
+    return (flat[:, None, :] == candidates.flatten(1)[None]).all(dim=2).float().argmax(dim=1).tolist()
+
+
+def test_batched_crop_and_flip_draw_like_torchvisions_transforms():
+    """Same distribution over the 2 x (2p+1)^2 possible results as RandomCrop(padding=p) + RandomHorizontalFlip."""
+    padding, size, draws = 2, 6, 3000
+    image = torch.arange(1, size * size + 1, dtype=torch.float32).view(1, size, size)  # every pixel distinct
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    shifts = [padded[:, i : i + size, j : j + size] for i in range(2 * padding + 1) for j in range(2 * padding + 1)]
+    candidates = torch.stack(shifts + [s.flip(2) for s in shifts])
+    reference = v2.Compose([v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()])
+    torch.manual_seed(0)
+    theirs = _outcome(torch.stack([reference(image) for _ in range(draws)]), candidates)
+    ours = _outcome(random_flip(random_crop(image.expand(draws, 1, size, size), padding)), candidates)
+    counts = torch.zeros(2, len(candidates))
+    for row, outcomes in enumerate((theirs, ours)):
+        counts[row] = torch.bincount(torch.tensor(outcomes), minlength=len(candidates))
+    assert (counts > 0).all()  # every offset and flip occurs in both
+    assert chi2_contingency(counts.numpy()).pvalue > 1e-3
+    flipped = counts[1, len(shifts) :].sum() / draws
+    assert 0.45 < flipped < 0.55
+
+
+def test_augmentation_is_for_training_batches_only():
+    pipeline = Pipeline(crop_padding=4, flip=True, mean=(0.5,), std=(0.25,))
+    images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
+    expected = (images.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(pipeline(images, train=False), expected)
+    assert not torch.allclose(pipeline(images, train=True), expected)
+
+
+@pytest.mark.parametrize("option", ["cifar_resnet18", "cifar_resnet56", "convnext_atto", "vit_tiny"])
+def test_small_image_presets_keep_resolution_and_build_for_cifar(option):
+    model = instantiate(compose_run(f"model={option}").model, "model", num_classes=10, in_chans=3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    if option.startswith("cifar_resnet"):
+        assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    if option == "cifar_resnet56":
+        assert 0.8e6 < sum(p.numel() for p in model.parameters()) < 0.9e6  # ResNet-56's 0.85M
+
+
+def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
+    source = instantiate(compose_run("model=cifar_resnet18").model, "model", num_classes=100, in_chans=3)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    cfg = compose_run("model=cifar_resnet18", f"model.pretrained={tmp_path / 'weights.pth'}")
+    model = instantiate(cfg.model, "model", num_classes=10, in_chans=3)
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert model.fc.out_features == 10  # the head does not fit: it starts new
+    with pytest.raises(ConfigError, match="model.pretrained: .*missing.pth is not a file"):
+        instantiate(
+            compose_run(f"model.pretrained={tmp_path / 'missing.pth'}").model, "model", num_classes=10, in_chans=1
+        )
+
+
+def test_bias_and_norm_weights_can_be_exempt_from_weight_decay():
+    model = instantiate(compose_run().model, "model", num_classes=10, in_chans=1)
+    every = build_optimizer(compose_run().optimizer, model, lr=0.1)
+    assert [group["weight_decay"] for group in every.param_groups] == [5e-4]
+    exempt = build_optimizer(compose_run("optimizer.decay_bias_and_norm=false").optimizer, model, lr=0.1)
+    decays = {group["weight_decay"]: group["params"] for group in exempt.param_groups}
+    assert all(p.ndim <= 1 for p in decays[0.0]) and all(p.ndim > 1 for p in decays[5e-4])
+    assert sum(map(len, decays.values())) == len(list(model.parameters()))
+
+
+def test_channels_last_trains(tmp_path, store):
+    uri, client = store
+    cfg = compose_run("trainer.epochs=1", "trainer.channels_last=true", "trainer.progress=false", f"tracking.uri={uri}")
+    assert train(cfg, tmp_path).val_acc > 0.1
