@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -91,6 +92,13 @@ def _timed(run: Callable[[int], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
+def _median_interval(values: list[float], resamples: int = 2000) -> list[float]:
+    """A 95% bootstrap interval for the median: how far the measured ratio can be trusted."""
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
 def _logging_cost(uri: str, steps: int = 20000) -> float:
     """Training-thread cost, in microseconds a step, of recording lr, momentum and loss."""
     with tracked_run(open_store(uri), "bench", "logging cost", {}) as tracker:
@@ -150,10 +158,12 @@ def main(argv: list[str] | None = None) -> None:
         _timed(reference, args.block)  # warm-up
         _timed(clrx_loop, args.block)
         times: dict[str, list[float]] = {"reference": [], "clrx": []}
-        for _ in range(args.repeats):
-            times["reference"].append(_timed(reference, args.block))
-            times["clrx"].append(_timed(clrx_loop, args.block))
+        loops = [("reference", reference), ("clrx", clrx_loop)]
+        for repeat in range(args.repeats):
+            for name, loop in loops if repeat % 2 == 0 else loops[::-1]:  # neither always goes first
+                times[name].append(_timed(loop, args.block))
     medians = {name: statistics.median(values) for name, values in times.items()}
+    pairs = [c / r for c, r in zip(times["clrx"], times["reference"], strict=True)]
     range_cfg = compose_run(*base, "policy=range_test", "policy.num_iter=100")
     results = {
         "device": torch.cuda.get_device_name()
@@ -165,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         "reference_ms_per_step": medians["reference"],
         "clrx_ms_per_step": medians["clrx"],
         "ratio": medians["clrx"] / medians["reference"],
+        "ratio_paired_median": statistics.median(pairs),
+        "ratio_paired_95ci": _median_interval(pairs),
         "spread_ms": {name: [min(v), max(v)] for name, v in times.items()},
         "logging_us_per_step": _logging_cost(uri),
         "range_test_seconds_100_steps": train(range_cfg, workdir / "range_test").seconds,
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     width = max(map(len, results))
     for key, value in results.items():
         shown = f"{value:.4g}" if isinstance(value, float) else value
+        if isinstance(value, list) and all(isinstance(v, float) for v in value):
+            shown = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
         print(f"{key:<{width}}  {shown}")
     print(f"written to {args.out}")
 
