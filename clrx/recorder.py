@@ -49,18 +49,21 @@ class Recorder:
         values = self.reduce(torch.stack(self._pending).float()).tolist()
         first = len(self.losses)
         self._pending = []
-        for offset, loss in enumerate(values):
-            index = first + offset
+        points = []
+        for index, loss in enumerate(values, start=first):
             step, lr = self.steps[index], self.lrs[index]
-            if not math.isfinite(loss):
+            if not math.isfinite(loss):  # what came before it still reaches the run, for diagnosis
+                self.losses.extend(values[: index - first])
+                self.tracker.points(points)
                 raise TrainingDiverged(
                     f"loss became {loss} at step {step} (lr {lr:.4g}); lower the learning rate (policy.max_lr)"
                 )
-            self.losses.append(loss)
-            self.tracker.metric("lr", lr, step)
+            points.append(("lr", lr, step))
             if self.momentum_name is not None:
-                self.tracker.metric(self.momentum_name, self.momenta[index], step)
-            self.tracker.metric("train_loss", loss, step)
+                points.append((self.momentum_name, self.momenta[index], step))
+            points.append(("train_loss", loss, step))
+        self.losses.extend(values)
+        self.tracker.points(points)
         self.on_drain(len(values), self.lrs[-1], self.losses[-1])
 
     def epoch_loss(self, steps: int) -> float:

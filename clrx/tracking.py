@@ -141,9 +141,14 @@ class Tracker:
         return self.client.tracking_uri
 
     def metric(self, key: str, value: float, step: int) -> None:
-        if self._logged and step <= self._logged.get(key, -1):
-            return
-        self._metrics.append((key, value, int(time.time() * 1000), step))
+        self.points([(key, value, step)])
+
+    def points(self, points: list[tuple[str, float, int]]) -> None:
+        """Several (key, value, step) points, stamped with one time: the cheap path for per-step values."""
+        now = int(time.time() * 1000)
+        if self._logged:
+            points = [(k, v, s) for k, v, s in points if s > self._logged.get(k, -1)]
+        self._metrics.extend([(key, value, now, step) for key, value, step in points])
         if len(self._metrics) >= METRICS_PER_BATCH:
             self.flush()
 
@@ -202,6 +207,9 @@ class Silent:
     run_id = uri = ""
 
     def metric(self, key: str, value: float, step: int) -> None:
+        pass
+
+    def points(self, points: list[tuple[str, float, int]]) -> None:
         pass
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
