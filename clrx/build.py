@@ -20,6 +20,16 @@ from clrx.policies import Policy
 OPTIMIZER_FRACTIONS = ("momentum", "alpha", "rho")
 
 
+def settings_of(node: DictConfig | dict[str, Any], group: str) -> dict[str, Any]:
+    """A node's settings as plain values; a mandatory one left unset (``???``) is a ConfigError."""
+    if not isinstance(node, DictConfig):
+        return dict(node)
+    for key in sorted(OmegaConf.missing_keys(node)):  # full keys when the node sits in a larger config
+        key = key if key.startswith(f"{group}.") else f"{group}.{key}"
+        raise ConfigError(key, f"has no value; set it on the command line, e.g. {key}=...")
+    return OmegaConf.to_container(node, resolve=True)
+
+
 def _target(group: str, settings: dict[str, Any]) -> Any:
     path = settings.pop("_target_", None)
     if not isinstance(path, str):
@@ -41,7 +51,7 @@ def instantiate(
     ``defaults`` fill parameters the target accepts and the config leaves unset (or null), such
     as the run's total number of steps. ConfigErrors from the target gain the group prefix.
     """
-    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    settings = settings_of(node, group)
     target = _target(group, settings)
     params = inspect.signature(target).parameters
     variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)

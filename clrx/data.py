@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from clrx.augment import Pipeline
-from clrx.build import instantiate
+from clrx.build import instantiate, settings_of
 from clrx.errors import ConfigError
 
 LIMITS = ("limit_train", "limit_val")  # any dataset: train or validate on a fixed random subset
@@ -100,7 +100,7 @@ def _subset(dataset: Dataset, count: int | None, setting: str) -> Dataset:
 
 def build_data(node: DictConfig) -> Splits:
     """The configured dataset, cut to ``limit_train``/``limit_val`` images if set."""
-    settings = OmegaConf.to_container(node, resolve=True)
+    settings = settings_of(node, "dataset")
     limits = {key: settings.pop(key, None) for key in LIMITS}
     try:
         return instantiate(settings, "dataset").limited(**limits)

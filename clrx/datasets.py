@@ -44,7 +44,7 @@ def _cifar(
     classes: int, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool
 ) -> Splits:
     folder, train_files, test_file, label_key, meta_file = CIFAR[classes]
-    base = Path(root).expanduser() / folder
+    base = Path(root).expanduser().resolve() / folder
     if download:
         getattr(datasets, f"CIFAR{classes}")(root, train=True, download=True)  # fetches and verifies
     missing = [name for name in [*train_files, test_file, meta_file] if not (base / name).is_file()]
@@ -52,7 +52,7 @@ def _cifar(
         raise ConfigError(
             "root",
             f"CIFAR-{classes} files {', '.join(missing)} not found in {base}; set dataset.download=true "
-            f"(needs the network) or copy the extracted {folder} folder into {Path(root).expanduser()}",
+            f"(needs the network) or copy the extracted {folder} folder into {base.parent}",
         )
 
     def read(names: list[str]) -> TensorImages:
@@ -101,7 +101,7 @@ def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, cro
     try:
         train, test = (reader(root, train=part, download=download) for part in (True, False))
     except RuntimeError:
-        raw = Path(root).expanduser() / reader.__name__ / "raw"
+        raw = Path(root).expanduser().resolve() / reader.__name__ / "raw"
         files = ", ".join(Path(url).name.removesuffix(".gz") for url, _ in reader.resources)
         raise ConfigError(
             "root",
@@ -158,7 +158,7 @@ def imagefolder(
     Training images get a random resized crop and a flip (``augment``), evaluation images a resize
     to 8/7 of ``image_size`` and a center crop, the ImageNet recipe.
     """
-    base = Path(root).expanduser()
+    base = Path(root).expanduser().resolve()
     val_dir = next((base / name for name in FOLDER_VAL if (base / name).is_dir()), None)
     if not (base / "train").is_dir() or val_dir is None:
         raise ConfigError("root", f"{base} needs train/<class>/ and val/<class>/ (or test/<class>/) image folders")

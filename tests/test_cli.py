@@ -88,7 +88,7 @@ BAD_INPUT = [
     (["trainer.resume={blocked}"], "cannot be read"),
     (["optimizer=adagrad"], "policy.max_momentum: Adagrad has no momentum or betas to cycle"),
     (["dataset=cifar10", "dataset.root={blocked}_none"], "dataset.root: CIFAR-10 files"),
-    (["dataset=imagefolder"], "dataset.root"),
+    (["dataset=imagefolder"], "dataset.root: has no value; set it on the command line, e.g. dataset.root=..."),
     (["model.pretrained={blocked}_none"], "model.pretrained"),
 ]
 
