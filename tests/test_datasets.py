@@ -11,6 +11,8 @@ from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
 from clrx.data import build_data
 from clrx.errors import ConfigError
+from clrx.optim import applied_momentum, apply_hyper, momentum_name
+from clrx.policies import Hyper
 from clrx.train import train
 from tests.datafiles import CIFAR_SIZES
 
@@ -158,3 +160,25 @@ def test_channels_last_trains(tmp_path, store):
     uri, client = store
     cfg = compose_run("trainer.epochs=1", "trainer.channels_last=true", "trainer.progress=false", f"tracking.uri={uri}")
     assert train(cfg, tmp_path).val_acc > 0.1
+
+
+@pytest.mark.parametrize(
+    "option, name",
+    [
+        ("sgd", "momentum"),
+        ("nesterov", "momentum"),
+        ("rmsprop", "momentum"),
+        ("adam", "beta1"),
+        ("adamw", "beta1"),
+        ("adagrad", None),
+        ("adadelta", None),
+    ],
+)
+def test_the_papers_optimizers_take_the_policys_momentum_where_they_have_one(option, name):
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(compose_run(f"optimizer={option}").optimizer, model, lr=0.1)
+    assert momentum_name(optimizer) == name
+    apply_hyper(optimizer, Hyper(0.05, 0.8 if name else None))
+    assert optimizer.param_groups[0]["lr"] == 0.05 and applied_momentum(optimizer) == (0.8 if name else None)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()  # takes a step with the values written in
