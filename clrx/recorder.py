@@ -72,8 +72,7 @@ class Recorder:
         return sum(recent) / len(recent)
 
     def state(self) -> dict[str, Any]:
-        """The drained record, for a checkpoint; steps are 0, 1, ... and not stored."""
-        self.drain()
+        """The drained steps' record, for a checkpoint (drain first); steps are 0, 1, ... and not stored."""
         return {"lrs": list(self.lrs), "momenta": list(self.momenta), "losses": list(self.losses)}
 
     def load(self, state: Mapping[str, Any]) -> None:
