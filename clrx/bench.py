@@ -35,6 +35,22 @@ from clrx.tracking import open_store, tracked_run
 from clrx.train import prepare, train
 
 
+def device_for(cfg) -> torch.device:
+    """The device clrx's loop would train on for ``trainer.device``."""
+    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+
+
+def autocast_dtype(cfg) -> torch.dtype | None:
+    """The autocast type of ``trainer.precision``; None for full precision."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timer reads what was done."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
     """The hand-written loop clrx is measured against: SGD-style optimizer, torch's OneCycleLR, no tracking.
 
@@ -43,7 +59,7 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
     set_seed(cfg.trainer.seed)
     data = build_data(cfg.dataset)
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
+    device = device_for(cfg)
     layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device, memory_format=layout).train()
     optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.policy.base_lr)
@@ -56,7 +72,7 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
         three_phase=True,
     )
     loader = data.loader(data.train, cfg.trainer.batch_size, train=True)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
+    dtype = autocast_dtype(cfg)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -79,16 +95,11 @@ def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
     return run
 
 
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _timed(run: Callable[[int], None], steps: int) -> float:
-    _synchronize()
+    synchronize()
     start = time.perf_counter()
     run(steps)
-    _synchronize()
+    synchronize()
     return (time.perf_counter() - start) / steps * 1000
 
 

@@ -97,7 +97,7 @@ def build_policy(
     A node with ``stages`` builds each stage's policy for that stage's length (``steps`` or
     ``epochs``; the last stage's length defaults to the rest of the run).
     """
-    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    settings = settings_of(node, group)
     if "stages" not in settings:
         _epochs_to_steps(settings, "stepsize", "stepsize_epochs", group, steps_per_epoch)
         return instantiate(settings, group, defaults={"total_steps": total_steps, "num_iter": total_steps})
@@ -124,7 +124,7 @@ def build_optimizer(node: DictConfig, model: torch.nn.Module, lr: float) -> torc
     ``decay_bias_and_norm: false`` exempts biases and normalization weights (every parameter
     with fewer than two dimensions) from weight decay, as timm's helper sorts them.
     """
-    settings = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    settings = settings_of(node, "optimizer")
     for key in OPTIMIZER_FRACTIONS:
         value = settings.get(key)
         if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):

@@ -52,15 +52,20 @@ def path_for(directory: Path, step: int) -> Path:
     return directory / f"step-{step:08d}.pt"
 
 
-def save(payload: dict[str, Any], path: Path, keep_last: int) -> None:
-    """Write ``payload`` atomically, then delete all but the ``keep_last`` newest checkpoints."""
+def write_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` under a temporary name, then rename: a crash leaves the old file or none, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as file:
-        torch.save({"format": FORMAT, **payload}, file)
+        torch.save(obj, file)
         file.flush()
         os.fsync(file.fileno())
     os.replace(partial, path)
+
+
+def save(payload: dict[str, Any], path: Path, keep_last: int) -> None:
+    """Write ``payload`` atomically, then delete all but the ``keep_last`` newest checkpoints."""
+    write_atomically({"format": FORMAT, **payload}, path)
     for old in _newest_first(path.parent)[keep_last:]:
         old.unlink(missing_ok=True)
 

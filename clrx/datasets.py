@@ -21,6 +21,7 @@ from clrx.data import Splits, TensorImages
 from clrx.errors import ConfigError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # CIFAR's python version: folder, training files, test file, label key, meta file, names key.
 CIFAR = {
     10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels", "batches.meta"),
@@ -74,8 +75,8 @@ def cifar10(
     root: str = "data",
     download: bool = False,
     normalize: bool = True,
-    mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-    std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
     crop_padding: int = 4,
     flip: bool = True,
 ) -> Splits:

@@ -24,26 +24,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clrx.augment import Pipeline
+from clrx.bench import autocast_dtype, device_for, synchronize
 from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
 from clrx.data import Splits, TensorImages
-from clrx.datasets import imagefolder
-
-
-def _device(cfg) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from clrx.datasets import CIFAR10_MEAN, CIFAR10_STD, imagefolder
 
 
 def in_memory(count: int = 50_000, size: int = 32) -> Splits:
     """CIFAR-sized random uint8 images with CIFAR's augmentation and normalization."""
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8)
     part = TensorImages(images, torch.randint(10, (count,)))
-    pipeline = Pipeline(4, True, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    pipeline = Pipeline(4, True, CIFAR10_MEAN, CIFAR10_STD)
     return Splits("in-memory", part, part, 10, 3, pipeline)
 
 
@@ -62,12 +54,12 @@ def loading_rate(data: Splits, batch_size: int, device: torch.device, batches: i
     loader = data.loader(data.train, batch_size, train=True)
     stream = itertools.cycle(loader)
     data.pipeline(next(stream)[0].to(device), train=True)
-    _sync(device)
+    synchronize()
     start = time.perf_counter()
     for _ in range(batches):
         images, _ = next(stream)
         data.pipeline(images.to(device, non_blocking=True), train=True)
-    _sync(device)
+    synchronize()
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -77,17 +69,17 @@ def training_rate(cfg, size: int, batch_size: int, device: torch.device, steps: 
     optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)
     images = torch.randn(batch_size, 3, size, size, device=device)
     labels = torch.randint(10, (batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
+    dtype = autocast_dtype(cfg)
     for step in range(steps + 2):
         if step == 2:  # after warm-up
-            _sync(device)
+            synchronize()
             start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize()
     return steps * batch_size / (time.perf_counter() - start)
 
 
@@ -100,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("throughput.json"))
     args = parser.parse_args(argv)
     cfg = compose_run("trainer.progress=false", *args.overrides)
-    device, batch = _device(cfg), cfg.trainer.batch_size
+    device, batch = device_for(cfg), cfg.trainer.batch_size
     root = args.folder or generated_folder(Path(tempfile.mkdtemp(prefix="clrx-folder-")))
     folder = imagefolder(str(root), image_size=args.image_size)
     rows = []

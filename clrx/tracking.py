@@ -153,8 +153,7 @@ class Tracker:
             self.flush()
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
-        for key, value in values.items():
-            self.metric(key, value, step)
+        self.points([(key, value, step) for key, value in values.items()])
 
     def flush(self) -> None:
         """Hand buffered metrics to the writer thread; returns without waiting."""

@@ -98,7 +98,7 @@ class Session:
     total_steps: int
     momentum: str | None
 
-    def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[Batch]]:
         """One optimizer step over the micro batches of one global batch.
 
         Gradients are averaged over micro batches and synchronized across processes once, on the
@@ -115,9 +115,8 @@ class Session:
             outputs.append((logits.detach(), labels))
         # Accelerate's optimizer wrapper spends ~0.8 ms of Python a step (package lookups, signature
         # inspection); it is needed only to drive the fp16 loss scaler.
-        inner = self.optimizer.optimizer
-        (inner if self.accelerator.scaler is None else self.optimizer).step()
-        inner.zero_grad(set_to_none=True)
+        (self.torch_optimizer if self.accelerator.scaler is None else self.optimizer).step()
+        self.torch_optimizer.zero_grad(set_to_none=True)
         return (total if len(micro) == 1 else total / len(micro)), outputs
 
     def policy_step(self, policy: Policy, step: int, micro: list[Batch], recorder: Recorder) -> None:
@@ -167,6 +166,11 @@ class Session:
         if self.cfg.trainer.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer inside Accelerate's wrapper."""
+        return self.optimizer.optimizer
 
     @property
     def plain_model(self) -> torch.nn.Module:
@@ -274,7 +278,7 @@ def _check_momentum(session: Session, policy: Policy, group: str) -> None:
     if session.momentum is None and policy(0).momentum is not None:
         raise ConfigError(
             f"{group}.max_momentum",
-            f"{type(getattr(session.optimizer, 'optimizer', session.optimizer)).__name__} has no momentum or betas "
+            f"{type(session.torch_optimizer).__name__} has no momentum or betas "
             f"to cycle; set {group}.base_momentum and "
             f"{group}.max_momentum (or {group}.momentum) to null",
         )
@@ -284,13 +288,6 @@ def _progress_bar(session: Session, total: int) -> tqdm:
     quiet = not session.cfg.trainer.progress or os.environ.get("CI", "").lower() in ("1", "true", "yes")
     quiet = quiet or not session.accelerator.is_main_process
     return tqdm(total=total, unit="step", disable=quiet, dynamic_ncols=True)
-
-
-def _save(model: torch.nn.Module, path: Path) -> None:
-    """Write atomically: a crash leaves the previous file or none, never a torn one."""
-    partial = path.with_suffix(".partial")
-    torch.save(model.state_dict(), partial)
-    os.replace(partial, path)
 
 
 def _log_config(tracker: Tracker, session: Session, output_dir: Path) -> None:
@@ -399,7 +396,7 @@ def fit(
     figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
     tracker.figure(figure, "plots/schedule.png")
     if trainer.save_model and accelerator.is_main_process:
-        _save(session.plain_model, output_dir / "model.pt")
+        checkpoint.write_atomically(session.plain_model.state_dict(), output_dir / "model.pt")
         tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
     return Result(
         run_id=tracker.run_id,
