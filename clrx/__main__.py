@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 
 from clrx.config import CONF, main_process, register
-from clrx.errors import ClrxError, TrainingDiverged
+from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
 from clrx.range_test import bounds
 from clrx.sweep import abort_open_sweeps, parent_run_id, register_sweeps
 from clrx.tracking import default_uri, record_failed_job
@@ -59,14 +55,14 @@ def app(cfg: DictConfig) -> float | None:
         result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
     except ClrxError as error:
         if not in_sweep:
-            _exit(str(error), 1 if isinstance(error, TrainingDiverged) else 2)
+            exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
         # One failed job must not end the sweep: its run is FAILED and the summary says why.
         log.error("job %s failed: %s", hydra_cfg.job.num, error)
         if getattr(error, "run_id", None) is None:
             try:
                 record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
             except ClrxError as unusable:  # no store to report to: the sweep cannot go on
-                _exit(str(unusable), 2)
+                exit_with("clrx", str(unusable), 2)
         return None
     if result is None:  # dry run
         return None
@@ -107,23 +103,6 @@ def _report_range_test(result: Result, node: DictConfig) -> None:
     log.info("by rule %s: policy.base_lr=%.3g policy.max_lr=%.3g", node.rule, base_lr, max_lr)
 
 
-def _exit(message: str, status: int) -> NoReturn:
-    # SystemExit passes Hydra's job runner untouched: no traceback, no "Error executing job".
-    print(f"clrx: error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-def _one_line(error: BaseException) -> str:
-    """The useful part of a Hydra or OmegaConf error, on one line."""
-    if isinstance(error, MissingConfigException) and error.options is not None:
-        group, _, choice = (error.missing_cfg_file or "").rpartition("/")
-        return f"{group}={choice} is not available; choose one of: {', '.join(sorted(error.options))}"
-    parts = [" ".join(line.strip() for line in str(error).splitlines()[:2] if line.strip())]
-    if isinstance(error.__cause__, OmegaConfBaseException):
-        parts.append(str(error.__cause__).splitlines()[0])
-    return ": ".join(part for part in parts if part) or type(error).__name__
-
-
 def main() -> None:
     """Run the app; a bad config ends as one line on stderr and exit status 2 (1: the run diverged)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -132,10 +111,10 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
     try:
         app()
-    except (HydraException, OmegaConfBaseException, ClrxError) as error:
-        message = str(error) if isinstance(error, ClrxError) else _one_line(error)
+    except USER_ERRORS as error:
+        message = one_line(error)
         abort_open_sweeps(message)
-        _exit(message, 2)
+        exit_with("clrx", message, 2)
 
 
 if __name__ == "__main__":

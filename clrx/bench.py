@@ -4,8 +4,9 @@
     python -m clrx.bench model.name=resnet18 dataset=fake trainer.batch_size=128 trainer.precision=bf16
 
 Both loops train the same model, data, batch size and threads in one process; blocks of steps of
-each are timed in turn, so drifts of the machine hit both alike. Prints a table and writes
-``bench.json`` (``--out`` to change). Figures, not a test.
+each are timed in turn, so drifts of the machine hit both alike. A third loop, clrx's with tracking
+off, shows what MLflow costs the step. Prints a table and writes ``bench.json`` (``--out`` to
+change). Figures, not a test.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
+from mlflow.entities import Metric
 
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import compose_run
 from clrx.data import build_data
+from clrx.errors import user_errors
 from clrx.recorder import Recorder
-from clrx.tracking import open_store, tracked_run
+from clrx.tracking import METRICS_PER_BATCH, Silent, open_store, tracked_run
 from clrx.train import prepare, train
 
 
@@ -110,15 +113,31 @@ def _median_interval(values: list[float], resamples: int = 2000) -> list[float]:
     return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
-def _logging_cost(uri: str, steps: int = 20000) -> float:
-    """Training-thread cost, in microseconds a step, of recording lr, momentum and loss."""
-    with tracked_run(open_store(uri), "bench", "logging cost", {}) as tracker:
+def _logging_cost(uri: str, steps: int = 20000) -> dict[str, float]:
+    """Microseconds a step of recording lr, momentum and loss, in a loop that does nothing else.
+
+    The training thread's wall time (which includes waiting for the interpreter lock while the
+    writer thread builds rows) and its CPU time; then the store's own time to write a step's
+    points, which the writer thread spends off the training thread.
+    """
+    client = open_store(uri)
+    with tracked_run(client, "bench", "logging cost", {}) as tracker:
         recorder, loss = Recorder(tracker, "momentum", every=10), torch.tensor(0.5)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         for step in range(steps):
             recorder.record(step, 0.1, 0.9, loss)
         recorder.drain()
-        return (time.perf_counter() - start) / steps * 1e6
+        wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+        points = [Metric(key, 0.5, 0, step) for step in range(steps // 10) for key in ("lr", "momentum", "loss")]
+        start = time.perf_counter()
+        for first in range(0, len(points), METRICS_PER_BATCH):
+            client.log_batch(tracker.run_id, metrics=points[first : first + METRICS_PER_BATCH])
+        store = (time.perf_counter() - start) / (steps // 10)
+    return {
+        "logging_us_per_step": wall / steps * 1e6,
+        "logging_cpu_us_per_step": cpu / steps * 1e6,
+        "store_write_us_per_step": store * 1e6,
+    }
 
 
 def _startup_seconds(overrides: list[str], uri: str, workdir: Path) -> float:
@@ -147,6 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
+    with user_errors("clrx.bench"):
+        bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="clrx-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides]
@@ -154,27 +178,36 @@ def main(argv: list[str] | None = None) -> None:
     total = args.block * (args.repeats + 1) + 1
 
     session = prepare(cfg)
-    policy = build_policy(cfg.policy, session.steps_per_epoch, total)
+    policy = build_policy(cfg.policy, session.steps_per_epoch, 2 * total)
     reference = reference_loop(cfg, total)
     with tracked_run(open_store(uri), "bench", "clrx loop", {}) as tracker:
-        recorder = Recorder(tracker, session.momentum, cfg.trainer.log_every)
         stream, step = session.batches(), 0
 
-        def clrx_loop(steps: int) -> None:
-            nonlocal step
-            for _ in range(steps):
-                session.policy_step(policy, step, next(stream), recorder)
-                step += 1
+        def clrx_loop(recorder: Recorder) -> Callable[[int], None]:
+            """clrx's steps recorded by ``recorder``; both variants advance one model and one policy."""
 
-        _timed(reference, args.block)  # warm-up
-        _timed(clrx_loop, args.block)
-        times: dict[str, list[float]] = {"reference": [], "clrx": []}
-        loops = [("reference", reference), ("clrx", clrx_loop)]
+            def run(steps: int) -> None:
+                nonlocal step
+                for _ in range(steps):
+                    session.policy_step(policy, step, next(stream), recorder)
+                    step += 1
+
+            return run
+
+        loops = [
+            ("reference", reference),
+            ("clrx", clrx_loop(Recorder(tracker, session.momentum, cfg.trainer.log_every))),
+            ("untracked", clrx_loop(Recorder(Silent(), session.momentum, cfg.trainer.log_every))),
+        ]
+        for _, loop in loops:  # warm-up
+            _timed(loop, args.block)
+        times: dict[str, list[float]] = {name: [] for name, _ in loops}
         for repeat in range(args.repeats):
-            for name, loop in loops if repeat % 2 == 0 else loops[::-1]:  # neither always goes first
+            for name, loop in loops[repeat % 3 :] + loops[: repeat % 3]:  # none always goes first
                 times[name].append(_timed(loop, args.block))
     medians = {name: statistics.median(values) for name, values in times.items()}
     pairs = [c / r for c, r in zip(times["clrx"], times["reference"], strict=True)]
+    tracking = [c / u for c, u in zip(times["clrx"], times["untracked"], strict=True)]
     range_cfg = compose_run(*base, "policy=range_test", "policy.num_iter=100")
     results = {
         "device": torch.cuda.get_device_name()
@@ -185,11 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "reference_ms_per_step": medians["reference"],
         "clrx_ms_per_step": medians["clrx"],
+        "untracked_ms_per_step": medians["untracked"],
         "ratio": medians["clrx"] / medians["reference"],
         "ratio_paired_median": statistics.median(pairs),
         "ratio_paired_95ci": _median_interval(pairs),
+        "tracking_ratio_paired_median": statistics.median(tracking),
+        "tracking_ratio_paired_95ci": _median_interval(tracking),
         "spread_ms": {name: [min(v), max(v)] for name, v in times.items()},
-        "logging_us_per_step": _logging_cost(uri),
+        **_logging_cost(uri),
         "range_test_seconds_100_steps": train(range_cfg, workdir / "range_test").seconds,
         "startup_seconds": _startup_seconds([*base, "trainer.save_model=false"], uri, workdir),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -1,5 +1,15 @@
 """Errors that reach the user as one line instead of a traceback."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
 
 class ClrxError(Exception):
     """A problem the user can fix; the CLI prints it as one line and exits non-zero."""
@@ -13,10 +23,41 @@ class ConfigError(ClrxError, ValueError):
         self.problem = problem
         super().__init__(f"{setting}: {problem}")
 
-    def within(self, group: str) -> "ConfigError":
+    def within(self, group: str) -> ConfigError:
         """The same error with the setting's full dotted key."""
         return ConfigError(f"{group}.{self.setting}", self.problem)
 
 
 class TrainingDiverged(ClrxError):
     """The loss stopped being finite; the run is marked FAILED with this reason."""
+
+
+USER_ERRORS = (HydraException, OmegaConfBaseException, ClrxError)
+
+
+def one_line(error: BaseException) -> str:
+    """The useful part of a clrx, Hydra or OmegaConf error, on one line."""
+    if isinstance(error, ClrxError):
+        return str(error)
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group, _, choice = (error.missing_cfg_file or "").rpartition("/")
+        return f"{group}={choice} is not available; choose one of: {', '.join(sorted(error.options))}"
+    parts = [" ".join(line.strip() for line in str(error).splitlines()[:2] if line.strip())]
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        parts.append(str(error.__cause__).splitlines()[0])
+    return ": ".join(part for part in parts if part) or type(error).__name__
+
+
+def exit_with(program: str, message: str, status: int) -> NoReturn:
+    # SystemExit passes Hydra's job runner untouched: no traceback, no "Error executing job".
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+@contextmanager
+def user_errors(program: str) -> Iterator[None]:
+    """A command's body: a mistake in its settings ends as one line on stderr and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        exit_with(program, one_line(error), 2)

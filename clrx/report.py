@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from clrx.errors import ClrxError
+from clrx.errors import ClrxError, user_errors
 from clrx.sweep import PARENT_FILE, parent_run_id
 from clrx.tracking import default_uri, open_store
 
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep", help="a sweep folder (multirun/...) or the parent run's id")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: as python -m clrx uses)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("clrx.report"):
         client = open_store(args.tracking_uri or default_uri())
         folder = Path(args.sweep)
         parent = parent_run_id(folder) if folder.is_dir() else args.sweep
@@ -169,9 +168,6 @@ def main(argv: list[str] | None = None) -> None:
             raise ClrxError(f"no MLflow run {parent!r} in {client.tracking_uri}") from None
         out = folder if folder.is_dir() else Path("reports") / parent
         table = report(client, parent, out)
-    except ClrxError as error:
-        print(f"clrx.report: error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(markdown(table) if table else "the sweep has no job runs yet")
     print(f"summary in {out} and on run {parent}")
 

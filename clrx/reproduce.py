@@ -9,6 +9,7 @@ Three studies, every number a mean and standard deviation over seeds:
    fixed policy's mean final accuracy (full budget), averaged over the seeds that reach it.
 2. The range test's bounds vs a grid of hand-picked ones, for one-cycle.
 3. Weight decay (1e-3, 1e-4, 1e-5, 0) with one-cycle and automatic bounds (arXiv 1803.09820).
+Each claim is then checked against the measurements and reported as holding or not at this scale.
 Writes ``reproduce.md`` and ``reproduce.png`` to ``--out`` and attaches them to the parent run.
 """
 
@@ -17,12 +18,15 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from clrx.config import compose_run
+from clrx.errors import TrainingDiverged, user_errors
 from clrx.report import markdown
 from clrx.tracking import default_uri, experiment_id, open_store
 from clrx.train import train
@@ -36,6 +40,42 @@ POLICIES = {
 }
 HAND_PICKED = (0.1, 0.3, 1.0, 3.0)  # one-cycle max_lr, base_lr a tenth of it
 WEIGHT_DECAYS = ("1e-3", "1e-4", "1e-5", "0")
+STRONG_DECAYS = ("1e-3", "1e-4")  # what the paper expects to win on small data and shallow nets
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One seed's training: final accuracy, validation accuracy by step, its top LR (None for fixed).
+
+    A run whose loss stopped being finite counts with accuracy 0: it left no usable model.
+    """
+
+    acc: float
+    curve: list[tuple[int, float]]
+    max_lr: float | None = None
+    diverged: bool = False
+
+
+def mean(results: list[Trained]) -> float:
+    return statistics.mean(r.acc for r in results)
+
+
+def spread(results: list[Trained]) -> float:
+    return statistics.stdev(r.acc for r in results) if len(results) > 1 else 0.0
+
+
+def mean_sd(results: list[Trained]) -> str:
+    diverged = sum(r.diverged for r in results)
+    return f"{mean(results):.4f} ± {spread(results):.4f}" + (f" ({diverged} diverged)" if diverged else "")
+
+
+def last_step(results: list[Trained]) -> int | None:
+    """The budget in optimizer steps: the last validation of any seed that got that far."""
+    return max((r.curve[-1][0] for r in results if r.curve), default=None)
+
+
+def steps_to_reach(result: Trained, target: float) -> int | None:
+    return next((step for step, value in result.curve if value >= target), None)
 
 
 class Study:
@@ -45,7 +85,7 @@ class Study:
         self.client, self.parent, self.base, self.seeds, self.out = client, parent, base, seeds, out
         self.jobs = 0
 
-    def run(self, name: str, overrides: Iterable[str]) -> list[dict[str, object]]:
+    def run(self, name: str, overrides: Iterable[str]) -> list[Trained]:
         results = []
         for seed in range(self.seeds):
             job_overrides = [*self.base, *overrides, f"trainer.seed={seed}"]
@@ -57,85 +97,177 @@ class Study:
                 "clrx.overrides": " ".join(job_overrides),
             }
             self.jobs += 1
-            result = train(cfg, self.out / "runs" / f"{self.jobs:03d}", tags)
-            history = self.client.get_metric_history(result.run_id, "val_acc")
-            results.append({"acc": result.val_acc, "curve": sorted((m.step, m.value) for m in history)})
+            try:
+                result = train(cfg, self.out / "runs" / f"{self.jobs:03d}", tags)
+                run_id, acc, diverged = result.run_id, result.val_acc, False
+            except TrainingDiverged as error:  # a result, not a reason to stop: too high an LR does this
+                run_id, acc, diverged = error.run_id, 0.0, True
+            history = self.client.get_metric_history(run_id, "val_acc")
+            top = self.client.get_run(run_id).data.tags.get("clrx.auto.max_lr", cfg.policy.get("max_lr"))
+            curve = sorted((m.step, m.value) for m in history)
+            results.append(Trained(acc, curve, None if top is None else float(top), diverged))
         return results
 
 
-def _mean_sd(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
-
-
-def _steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((step for step, value in curve if value >= target), None)
-
-
-def table_one(study: Study, epochs: int) -> tuple[list[dict[str, object]], dict[str, list[dict[str, object]]]]:
+def table_one(
+    study: Study, epochs: int
+) -> tuple[list[dict[str, object]], dict[tuple[str, int], list[Trained]], dict[str, list[Trained]]]:
     runs = {
         (name, budget): study.run(f"{name} {budget} epochs", [*overrides, f"trainer.epochs={budget}"])
         for budget in (epochs, max(1, epochs // 2))
         for name, overrides in POLICIES.items()
     }
-    target = statistics.mean(r["acc"] for r in runs[("fixed", epochs)])
+    target = mean(runs[("fixed", epochs)])
     rows = []
     for (name, budget), results in runs.items():
-        reached = [steps for r in results if (steps := _steps_to_reach(r["curve"], target)) is not None]
+        reached = [steps for r in results if (steps := steps_to_reach(r, target)) is not None]
         mean_steps = f"{statistics.mean(reached):.0f} " if reached else ""
         rows.append(
             {
                 "policy": name,
                 "epochs": budget,
-                "val_acc (mean ± sd)": _mean_sd([r["acc"] for r in results]),
+                "steps": last_step(results),
+                "val_acc (mean ± sd)": mean_sd(results),
                 "steps to fixed's final acc": f"{mean_steps}({len(reached)}/{len(results)} seeds reached it)",
             }
         )
-    return rows, {name: runs[(name, epochs)] for name in POLICIES}
+    return rows, runs, {name: runs[(name, epochs)] for name in POLICIES}
 
 
-def hand_picked(study: Study, epochs: int) -> list[dict[str, object]]:
-    rows = []
-    for label, overrides in [("range test (auto)", AUTO)] + [
-        (f"hand-picked {top:g}", [f"policy.max_lr={top}", f"policy.base_lr={top / 10}"]) for top in HAND_PICKED
-    ]:
-        results = study.run(f"one_cycle {label}", ["policy=one_cycle", *overrides, f"trainer.epochs={epochs}"])
-        rows.append({"one_cycle bounds": label, "val_acc (mean ± sd)": _mean_sd([r["acc"] for r in results])})
-    return rows
+def hand_picked(
+    study: Study, epochs: int, tops: Iterable[float]
+) -> tuple[list[dict[str, object]], dict[str, list[Trained]]]:
+    found = {
+        label: study.run(f"one_cycle {label}", ["policy=one_cycle", *overrides, f"trainer.epochs={epochs}"])
+        for label, overrides in [("range test (auto)", AUTO)]
+        + [(f"hand-picked {top:g}", [f"policy.max_lr={top}", f"policy.base_lr={top / 10}"]) for top in tops]
+    }
+    rows = [
+        {
+            "one_cycle bounds": label,
+            "max_lr (mean)": f"{statistics.mean(r.max_lr for r in results):.3g}",
+            "val_acc (mean ± sd)": mean_sd(results),
+        }
+        for label, results in found.items()
+    ]
+    return rows, found
 
 
-def weight_decay(study: Study, epochs: int) -> list[dict[str, object]]:
-    rows = []
-    for decay in WEIGHT_DECAYS:
-        results = study.run(
+def weight_decay(study: Study, epochs: int) -> tuple[list[dict[str, object]], dict[str, list[Trained]]]:
+    found = {
+        decay: study.run(
             f"one_cycle wd {decay}",
             ["policy=one_cycle", *AUTO, f"optimizer.weight_decay={decay}", f"trainer.epochs={epochs}"],
         )
-        rows.append({"weight decay": decay, "val_acc (mean ± sd)": _mean_sd([r["acc"] for r in results])})
+        for decay in WEIGHT_DECAYS
+    }
+    return [{"weight decay": decay, "val_acc (mean ± sd)": mean_sd(r)} for decay, r in found.items()], found
+
+
+UNRESOLVED = "not resolved: within one sd"
+
+
+def _verdict(holds: bool) -> str:
+    return "holds" if holds else "does not hold here"
+
+
+def claims(
+    table: dict[tuple[str, int], list[Trained]],
+    epochs: int,
+    bounds: dict[str, list[Trained]],
+    decays: dict[str, list[Trained]],
+) -> list[dict[str, object]]:
+    """Each paper claim checked against the measurements: what was claimed, what was measured, the verdict."""
+    fixed = table[("fixed", epochs)]
+    target, budget = mean(fixed), last_step(fixed)
+    half = max(1, epochs // 2)
+    rows = []
+    for name in POLICIES:
+        if name == "fixed":
+            continue
+        full = table[(name, epochs)]
+        steps = [steps_to_reach(r, target) for r in full]
+        reached = [s for s in steps if s is not None]
+        early = len(reached) == len(steps) and statistics.mean(reached) < budget
+        first = f"mean step {statistics.mean(reached):.0f} of {budget}" if reached else "never"
+        rows.append(
+            {
+                "claim": f"{name} reaches fixed's final accuracy in fewer steps",
+                "measured": f"fixed {target:.4f} reached by {len(reached)}/{len(steps)} seeds, {first}",
+                "verdict": _verdict(early),
+            }
+        )
+        short = table[(name, half)]
+        rows.append(
+            {
+                "claim": f"{name} at half the budget matches fixed at the full budget",
+                "measured": f"{mean_sd(short)} vs {mean_sd(fixed)}",
+                "verdict": _verdict(mean(short) >= target),
+            }
+        )
+    auto, *picked = bounds.items()
+    best_label, best = max(picked, key=lambda item: mean(item[1]))
+    rows.append(
+        {
+            "claim": "the range test's bounds are as good as the best hand-picked ones (within one sd)",
+            "measured": f"auto {mean_sd(auto[1])} vs {best_label} {mean_sd(best)}",
+            "verdict": _verdict(mean(auto[1]) >= mean(best) - max(spread(auto[1]), spread(best))),
+        }
+    )
+    best_decay = max(decays, key=lambda decay: mean(decays[decay]))
+    strong = max(STRONG_DECAYS, key=lambda decay: mean(decays[decay]))
+    close = mean(decays[strong]) >= mean(decays[best_decay]) - max(spread(decays[strong]), spread(decays[best_decay]))
+    rows.append(
+        {
+            "claim": f"on small data more weight decay ({' or '.join(STRONG_DECAYS)}) is best",
+            "measured": f"best {best_decay}: {mean_sd(decays[best_decay])}; {strong}: {mean_sd(decays[strong])}",
+            "verdict": _verdict(True) if best_decay == strong else UNRESOLVED if close else _verdict(False),
+        }
+    )
     return rows
 
 
-def curves_figure(curves: dict[str, list[dict[str, object]]]) -> Figure:
-    """Validation accuracy against the step for each policy, seed 0, full budget."""
-    figure = Figure(figsize=(8, 5), layout="constrained")
-    ax = figure.subplots()
+def figure(
+    curves: dict[str, list[Trained]], bounds: dict[str, list[Trained]], decays: dict[str, list[Trained]]
+) -> Figure:
+    """Three panels: accuracy by step per policy, accuracy against one-cycle's max_lr, against weight decay."""
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    by_step, by_lr, by_decay = fig.subplots(1, 3)
     for name, results in curves.items():
-        steps, values = zip(*results[0]["curve"], strict=True)
-        ax.plot(steps, values, marker="o", label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return figure
+        finished = [r for r in results if not r.diverged]
+        if not finished:
+            continue
+        steps = [step for step, _ in finished[0].curve]
+        values = numpy.array([[value for _, value in r.curve] for r in finished])
+        means, sds = values.mean(axis=0), values.std(axis=0, ddof=1 if len(finished) > 1 else 0)
+        by_step.plot(steps, means, marker="o", label=name)
+        by_step.fill_between(steps, means - sds, means + sds, alpha=0.2)
+    by_step.set(xlabel="optimizer step", ylabel="validation accuracy", title="policies (mean ± sd over seeds)")
+    (auto_label, auto), *picked = bounds.items()
+    tops = [statistics.mean(r.max_lr for r in results) for _, results in picked]
+    by_lr.errorbar(tops, [mean(r) for _, r in picked], [spread(r) for _, r in picked], marker="o", label="hand-picked")
+    auto_top = statistics.mean(r.max_lr for r in auto)
+    by_lr.errorbar([auto_top], [mean(auto)], [spread(auto)], marker="*", markersize=14, ls="", label=auto_label)
+    by_lr.set(xscale="log", xlabel="one-cycle max_lr", ylabel="validation accuracy", title="bounds")
+    labels = list(decays)
+    by_decay.errorbar(labels, [mean(r) for r in decays.values()], [spread(r) for r in decays.values()], marker="o")
+    by_decay.set(xlabel="weight decay", ylabel="validation accuracy", title="weight decay, one-cycle")
+    for ax in (by_step, by_lr, by_decay):
+        ax.grid(alpha=0.3)
+    by_step.legend()
+    by_lr.legend()
+    return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="config overrides for every run, as for python -m clrx")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8, help="the full budget; the reduced one is half")
-    parser.add_argument("--out", type=Path, default=Path("reproduce"))
-    args = parser.parse_args(argv)
+def _lrs(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.3,1; got {text!r}") from None
+
+
+def reproduce(args: argparse.Namespace) -> None:
+    """Every study under one parent run; the parent ends FAILED with the reason if one stops."""
     base = ["trainer.progress=false", "trainer.save_model=false", *args.overrides]
     cfg = compose_run(*base)
     client = open_store(cfg.tracking.uri or default_uri())
@@ -144,26 +276,50 @@ def main(argv: list[str] | None = None) -> None:
     ).info.run_id
     study = Study(client, parent, base, args.seeds, args.out)
     try:
-        table, curves = table_one(study, args.epochs)
-        sections = [
-            ("Fixed vs cyclical policies (arXiv 1506.01186, Table 1)", table),
-            ("Range-test bounds vs hand-picked bounds, one-cycle", hand_picked(study, args.epochs)),
-            ("Weight decay with one-cycle (arXiv 1803.09820)", weight_decay(study, args.epochs)),
-        ]
+        table, runs, curves = table_one(study, args.epochs)
+        bound_rows, bounds = hand_picked(study, args.epochs, args.max_lrs)
+        decay_rows, decays = weight_decay(study, args.epochs)
     except BaseException as error:
         client.set_tag(parent, "clrx.failure", f"{type(error).__name__}: {error}")
         client.set_terminated(parent, "FAILED")
         raise
+    sections = [
+        ("Claims checked at this scale", claims(runs, args.epochs, bounds, decays)),
+        ("Fixed vs cyclical policies (arXiv 1506.01186, Table 1)", table),
+        ("Range-test bounds vs hand-picked bounds, one-cycle", bound_rows),
+        ("Weight decay with one-cycle (arXiv 1803.09820)", decay_rows),
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     text = f"# Reproduction: {args.seeds} seeds, {args.epochs} epochs, overrides {' '.join(base)}\n"
     text += "".join(f"\n## {title}\n\n{markdown(rows)}" for title, rows in sections)
     (args.out / "reproduce.md").write_text(text)
-    curves_figure(curves).savefig(args.out / "reproduce.png")
+    figure(curves, bounds, decays).savefig(args.out / "reproduce.png")
     for name in ("reproduce.md", "reproduce.png"):
         client.log_artifact(parent, str(args.out / name))
     client.set_terminated(parent, "FINISHED")
     print(text)
     print(f"written to {args.out}; MLflow parent run {parent}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clrx.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, as for python -m clrx")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8, help="the full budget; the reduced one is half")
+    parser.add_argument(
+        "--max-lrs",
+        type=_lrs,
+        default=list(HAND_PICKED),
+        help="hand-picked one-cycle max_lr values, comma separated (base_lr a tenth of each)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("reproduce"))
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2 (the reduced budget is half of it), got {args.epochs}")
+    with user_errors("clrx.reproduce"):
+        reproduce(args)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
 from clrx.data import Splits, TensorImages
 from clrx.datasets import CIFAR10_MEAN, CIFAR10_STD, imagefolder
+from clrx.errors import user_errors
 
 
 def in_memory(count: int = 50_000, size: int = 32) -> Splits:
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("throughput.json"))
     args = parser.parse_args(argv)
+    with user_errors("clrx.throughput"):
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     cfg = compose_run("trainer.progress=false", *args.overrides)
     device, batch = device_for(cfg), cfg.trainer.batch_size
     root = args.folder or generated_folder(Path(tempfile.mkdtemp(prefix="clrx-folder-")))

@@ -12,6 +12,10 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
     for key in (
         "reference_ms_per_step",
         "clrx_ms_per_step",
+        "untracked_ms_per_step",
+        "tracking_ratio_paired_median",
+        "logging_cpu_us_per_step",
+        "store_write_us_per_step",
         "ratio",
         "logging_us_per_step",
         "range_test_seconds_100_steps",

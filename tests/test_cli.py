@@ -1,5 +1,7 @@
 """The real command line, end to end, checked through MLflow's own client."""
 
+import importlib
+
 import pytest
 from mlflow.entities import ViewType
 
@@ -149,3 +151,27 @@ def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypa
     assert f"dry run: {8 * STEPS_PER_EPOCH} steps ({STEPS_PER_EPOCH} per epoch)" in log
     assert "step     17  epoch   0.77  lr 0.3977  momentum 0.9" in log  # rising to the first peak; SGD keeps 0.9
     assert _no_runs(client) and not (tmp_path / "run" / "model.pt").exists()
+
+
+SCRIPT_BAD_INPUT = [
+    ("reproduce", ["optimizer=nope"], "clrx.reproduce: error: optimizer=nope is not available; choose one of: ada"),
+    ("reproduce", ["--epochs", "1"], "--epochs must be at least 2 (the reduced budget is half of it), got 1"),
+    ("reproduce", ["--max-lrs", "0.1,high"], "expected comma-separated numbers such as 0.1,0.3,1; got '0.1,high'"),
+    ("bench", ["trainer.batch_size=0"], "clrx.bench: error: trainer.batch_size: must be at least 1, got 0"),
+    ("throughput", ["model=nope"], "clrx.throughput: error: model=nope is not available; choose one of:"),
+]
+
+
+@pytest.mark.parametrize(
+    "script, args, expected", SCRIPT_BAD_INPUT, ids=[f"{s} {' '.join(a)}" for s, a, _ in SCRIPT_BAD_INPUT]
+)
+def test_the_scripts_bad_input_is_one_line(tmp_path, store, monkeypatch, capsys, script, args, expected):
+    uri, client = store
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"clrx.{script}").main
+    with pytest.raises(SystemExit) as exited:
+        main([*args, f"tracking.uri={uri}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and expected in lines[-1], lines
+    assert sum("error:" in line for line in lines) == 1  # after argparse's usage, if any: no traceback
+    assert _no_runs(client)

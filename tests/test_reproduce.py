@@ -1,24 +1,76 @@
-"""The reproduction script runs end to end and reports every study (its numbers are for people)."""
+"""The reproduction script runs end to end and checks each claim against what it measured."""
 
 from mlflow.entities import ViewType
 
-from clrx.reproduce import HAND_PICKED, POLICIES, WEIGHT_DECAYS, main
+from clrx.reproduce import HAND_PICKED, POLICIES, UNRESOLVED, WEIGHT_DECAYS, Trained, claims, main
 
 
 def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     uri, client = store
-    main(["--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "out"), f"tracking.uri={uri}"])
-    text = (tmp_path / "out" / "reproduce.md").read_text()
-    assert text.count("\n## ") == 3 and (tmp_path / "out" / "reproduce.png").stat().st_size > 0
+    out = tmp_path / "out"
+    main(["--seeds", "2", "--epochs", "2", "--max-lrs", "0.3,1e6", "--out", str(out), f"tracking.uri={uri}"])
+    text = (out / "reproduce.md").read_text()
+    assert text.count("\n## ") == 4 and (out / "reproduce.png").stat().st_size > 0
     for name in POLICIES:
-        assert f"| {name} | 2 |" in text and f"| {name} | 1 |" in text
+        assert f"| {name} | 2 | 44 |" in text and f"| {name} | 1 | 22 |" in text
     assert "seeds reached it)" in text
-    assert all(f"hand-picked {top:g}" in text for top in HAND_PICKED)
+    assert "| hand-picked 0.3 | 0.3 |" in text
+    assert "| hand-picked 1e+06 | 1e+06 | 0.0000 ± 0.0000 (2 diverged) |" in text  # a result, not a crash
     assert all(f"| {decay} |" in text for decay in WEIGHT_DECAYS)
+    verdicts = ("| holds |", "| does not hold here |", f"| {UNRESOLVED} |")
+    assert sum(text.count(verdict) for verdict in verdicts) == 2 * (len(POLICIES) - 1) + 2
     experiment = client.get_experiment_by_name("clrx").experiment_id
     [parent] = client.search_runs([experiment], "attributes.run_name = 'reproduce'")
     children = client.search_runs(
         [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", run_view_type=ViewType.ALL
     )
-    assert parent.info.status == "FINISHED" and len(children) == 2 * len(POLICIES) + 1 + len(HAND_PICKED) + 4
-    assert all(child.info.status == "FINISHED" for child in children)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 2 * (2 * len(POLICIES) + 1 + 2 + len(WEIGHT_DECAYS))
+    failed = [child.info.run_name for child in children if child.info.status != "FINISHED"]
+    assert sorted(failed) == ["one_cycle hand-picked 1e+06 seed 0", "one_cycle hand-picked 1e+06 seed 1"]
+    assert {"reproduce.md", "reproduce.png"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+
+
+def _seeds(*accuracies, steps=(10, 20), top=None):
+    """Runs whose accuracy climbs to ``acc`` at the last of ``steps``, half of it before."""
+    return [Trained(acc, [(steps[0], acc / 2), (steps[1], acc)], top) for acc in accuracies]
+
+
+def _measured(fast_policy_curve, auto_acc, best_decay, decays=None):
+    table = {(name, 4): _seeds(0.80, 0.82) for name in POLICIES}
+    table |= {(name, 2): _seeds(0.70, 0.72) for name in POLICIES}
+    table[("one_cycle", 4)] = [Trained(0.9, fast_policy_curve), Trained(0.9, fast_policy_curve)]
+    table[("one_cycle", 2)] = _seeds(0.85, 0.86)
+    bounds = {"range test (auto)": _seeds(auto_acc, auto_acc, top=0.4)}
+    bounds |= {f"hand-picked {top:g}": _seeds(0.5 + top / 10, 0.5 + top / 10, top=top) for top in HAND_PICKED}
+    decays = decays or {decay: _seeds(*((0.9, 0.9) if decay == best_decay else (0.8, 0.8))) for decay in WEIGHT_DECAYS}
+    return {row["claim"]: row["verdict"] for row in claims(table, 4, bounds, decays)}
+
+
+WD_CLAIM = "on small data more weight decay (1e-3 or 1e-4) is best"
+
+
+def test_claims_hold_where_the_measurements_support_them():
+    verdicts = _measured([(10, 0.85), (20, 0.9)], auto_acc=0.8, best_decay="1e-3")
+    assert verdicts["one_cycle reaches fixed's final accuracy in fewer steps"] == "holds"
+    assert verdicts["one_cycle at half the budget matches fixed at the full budget"] == "holds"
+    assert verdicts["the range test's bounds are as good as the best hand-picked ones (within one sd)"] == "holds"
+    assert verdicts[WD_CLAIM] == "holds"
+    # the other policies end where fixed ends, at fixed's last step: not fewer steps, and worse at half
+    assert verdicts["triangular2 reaches fixed's final accuracy in fewer steps"] == "does not hold here"
+    assert verdicts["exp_range at half the budget matches fixed at the full budget"] == "does not hold here"
+
+
+def test_claims_fail_where_the_measurements_do_not_support_them():
+    verdicts = _measured([(10, 0.5), (20, 0.9)], auto_acc=0.5, best_decay="0")
+    assert verdicts["one_cycle reaches fixed's final accuracy in fewer steps"] == "does not hold here"
+    assert verdicts["the range test's bounds are as good as the best hand-picked ones (within one sd)"] == (
+        "does not hold here"
+    )
+    assert verdicts[WD_CLAIM] == "does not hold here"
+
+
+def test_a_weight_decay_lead_within_the_spread_is_reported_unresolved():
+    decays = {"1e-3": _seeds(0.80, 0.90), "1e-4": _seeds(0.84, 0.84), "1e-5": _seeds(0.86, 0.88), "0": _seeds(0.8, 0.8)}
+    verdicts = _measured([(10, 0.85), (20, 0.9)], auto_acc=0.8, best_decay=None, decays=decays)
+    assert verdicts[WD_CLAIM] == UNRESOLVED  # 1e-5 leads by 0.02, 1e-3's sd is 0.07
