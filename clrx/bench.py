@@ -34,8 +34,9 @@ from clrx.config import compose_run
 from clrx.data import build_data
 from clrx.errors import user_errors
 from clrx.recorder import Recorder
+from clrx.session import prepare
 from clrx.tracking import METRICS_PER_BATCH, Silent, open_store, tracked_run
-from clrx.train import prepare, train
+from clrx.train import train
 
 
 def device_for(cfg) -> torch.device:

@@ -1,10 +1,9 @@
 """The training loop: before every optimizer step, the policy's values go into the optimizer.
 
-Accelerate places the model and batches, splits each global batch over the processes and handles
-mixed precision; the policy is never handed to ``accelerator.prepare`` (its wrapper would step a
-scheduler once per process). The step counter counts optimizer steps, so the schedule is the same
-on any number of processes and with any gradient accumulation. Only the main process talks to
-MLflow and writes checkpoints. The same loop serves training and the LR range test.
+The policy is never handed to ``accelerator.prepare`` (its wrapper would step a scheduler once per
+process); the step counter counts optimizer steps. Only the main process talks to MLflow and
+writes checkpoints. The same loop serves training and the LR range test, which also supplies
+``auto`` bounds.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -24,26 +22,21 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from clrx import checkpoint
-from clrx.batch_size import find_batch_size
-from clrx.build import build_optimizer, build_policy, instantiate
+from clrx.build import build_policy
 from clrx.config import check_trainer
-from clrx.data import Splits, build_data
 from clrx.errors import ConfigError
-from clrx.optim import applied_momentum, apply_hyper, momentum_name
+from clrx.optim import applied_momentum
 from clrx.plots import schedule_figure
 from clrx.policies import Hyper, LRRange, Policy
 from clrx.range_test import Curve, Suggestion, batch_accuracy, bounds, range_figure, run_range_test, suggest
 from clrx.recorder import Recorder
+from clrx.session import Batch, Session, prepare
 from clrx.tracking import Silent, Tracker, default_uri, flatten, open_store, tracked_run
 
 AUTO = "auto"
@@ -66,7 +59,6 @@ RESUMABLE_CHANGES = (
     "trainer.device",
     "trainer.max_batch_size",
 )
-Batch = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger("clrx")
 
 
@@ -81,197 +73,6 @@ class Result:
     val_acc: float | None = None
     best_val_acc: float | None = None
     suggestions: dict[str, Suggestion] | None = None
-
-
-@dataclass
-class Session:
-    """Everything a run is built from, ready on the accelerator."""
-
-    cfg: DictConfig
-    accelerator: Accelerator
-    data: Splits
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
-    val_loader: DataLoader
-    steps_per_epoch: int  # optimizer steps
-    total_steps: int
-    momentum: str | None
-
-    def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[Batch]]:
-        """One optimizer step over the micro batches of one global batch.
-
-        Gradients are averaged over micro batches and synchronized across processes once, on the
-        last; returns the mean loss (on the device) and each micro batch's (logits, labels).
-        """
-        total, outputs = 0.0, []
-        for index, (images, labels) in enumerate(micro):
-            last = index == len(micro) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                logits = self.model(self.inputs(images, train=True))
-                loss = F.cross_entropy(logits, labels)
-                self.accelerator.backward(loss if len(micro) == 1 else loss / len(micro))
-            total = total + loss.detach()
-            outputs.append((logits.detach(), labels))
-        # Accelerate's optimizer wrapper spends ~0.8 ms of Python a step (package lookups, signature
-        # inspection); it is needed only to drive the fp16 loss scaler.
-        (self.torch_optimizer if self.accelerator.scaler is None else self.optimizer).step()
-        self.torch_optimizer.zero_grad(set_to_none=True)
-        return (total if len(micro) == 1 else total / len(micro)), outputs
-
-    def policy_step(self, policy: Policy, step: int, micro: list[Batch], recorder: Recorder) -> None:
-        """Optimizer step number ``step``: the policy's values applied, the step taken and recorded."""
-        hyper = policy(step)
-        apply_hyper(self.optimizer, hyper)
-        loss, _ = self.step(micro)
-        recorder.record(step, hyper.lr, applied_momentum(self.optimizer), loss)
-
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[Batch]]:
-        """The optimizer steps of epoch ``epoch`` (from 0), each a list of micro batches.
-
-        The order of an epoch depends only on the seed and the epoch, so a resumed run skips the
-        ``skip`` steps it already took and sees exactly the batches it would have seen.
-        """
-        accumulate = self.cfg.trainer.grad_accum
-        self.train_loader.set_epoch(epoch)
-        loader = self.train_loader
-        if skip:
-            loader = self.accelerator.skip_first_batches(loader, skip * accumulate)
-        micro = iter(loader)
-        for _ in range(self.steps_per_epoch - skip):
-            yield [next(micro) for _ in range(accumulate)]
-
-    def batches(self) -> Iterator[list[Batch]]:
-        """Optimizer steps for as many epochs as asked for."""
-        for epoch in itertools.count():
-            yield from self.epoch(epoch)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss and top-1 accuracy over the whole set (each sample counted once)."""
-        self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
-        for images, labels in self.val_loader:
-            logits = self.model(self.inputs(images, train=False))
-            logits, labels = self.accelerator.gather_for_metrics((logits, labels))
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            count += len(labels)
-        self.model.train()
-        return {"val_loss": loss_sum / count, "val_acc": correct / count}
-
-    def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        """A batch as the model takes it: augmented (training) and normalized on the device."""
-        images = self.data.pipeline(images, train)
-        if self.cfg.trainer.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images
-
-    @property
-    def torch_optimizer(self) -> torch.optim.Optimizer:
-        """The optimizer inside Accelerate's wrapper."""
-        return self.optimizer.optimizer
-
-    @property
-    def plain_model(self) -> torch.nn.Module:
-        """The model without DDP or torch.compile wrappers: its weights load into a freshly built one."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    def state(self) -> dict[str, Any]:
-        """Weights, optimizer and loss-scaler state, as they are now (not copies)."""
-        scaler = self.accelerator.scaler
-        return {
-            "model": self.plain_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-        }
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        self.plain_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.accelerator.scaler is not None and state["scaler"] is not None:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-
-    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(values, "mean")
-
-
-def _accelerator(trainer: DictConfig) -> Accelerator:
-    if trainer.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
-    if trainer.precision == "fp16" and (trainer.device == "cpu" or not torch.cuda.is_available()):
-        raise ConfigError("trainer.precision", "fp16 needs a CUDA device (loss scaling is GPU-only); use bf16 or no")
-    # Each run sets its own precision, also when one process runs several (tests, sequential sweeps).
-    AcceleratorState._reset_state()
-    # Batches are global and split over the processes; an epoch's order is a function of (seed, epoch).
-    loading = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed)
-    try:
-        # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
-        cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
-        return Accelerator(
-            mixed_precision=trainer.precision,
-            cpu=cpu,
-            dataloader_config=loading,
-            dynamo_backend="inductor" if trainer.compile else "no",
-        )
-    except ValueError as error:
-        raise ConfigError(
-            "trainer.device", f"cpu inside a GPU launch is not possible; launch with ACCELERATE_USE_CPU=1 ({error})"
-        ) from None
-
-
-def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoader, DataLoader]:
-    batch, accumulate = trainer.batch_size, trainer.grad_accum
-    if batch % (processes * accumulate):
-        raise ConfigError(
-            "trainer.batch_size",
-            f"must be a multiple of processes x trainer.grad_accum = {processes} x {accumulate}, got {batch}",
-        )
-    if batch > len(data.train):
-        raise ConfigError(
-            "trainer.batch_size",
-            f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch}",
-        )
-    micro = batch // accumulate  # all processes together; Accelerate hands each its share
-    order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
-    return data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
-
-
-def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
-    """Build and check everything except the policy; nothing is trained or tracked yet.
-
-    With ``trainer.find_batch_size`` (and ``search_batch``), ``cfg.trainer.batch_size`` is set to
-    the largest batch that trains on this device.
-    """
-    trainer = cfg.trainer
-    check_trainer(trainer)
-    accelerator = _accelerator(trainer)
-    set_seed(trainer.seed, device_specific=True)  # each process its own augmentation; weights come from rank 0
-    data = build_data(cfg.dataset)
-    model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
-    if trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if trainer.find_batch_size and search_batch:
-        trainer.batch_size = find_batch_size(
-            accelerator, model, optimizer, data, trainer.grad_accum, trainer.max_batch_size
-        )
-        log.info("largest batch that trains: %d", trainer.batch_size)
-    train_loader, val_loader = accelerator.prepare(*_loaders(data, trainer, accelerator.num_processes))
-    steps_per_epoch = len(train_loader) // trainer.grad_accum
-    return Session(
-        cfg=cfg,
-        accelerator=accelerator,
-        data=data,
-        model=model,
-        optimizer=optimizer,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=trainer.epochs * steps_per_epoch,
-        momentum=momentum_name(optimizer),
-    )
 
 
 def _check_momentum(session: Session, policy: Policy, group: str) -> None:

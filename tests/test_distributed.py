@@ -12,7 +12,8 @@ from clrx.build import build_optimizer
 from clrx.config import compose_run
 from clrx.data import digits
 from clrx.errors import ConfigError
-from clrx.train import _accelerator, train
+from clrx.session import accelerator_for
+from clrx.train import train
 from tests.conftest import ROOT
 
 PER_EPOCH = 1437 // 64
@@ -114,7 +115,7 @@ class _Capped(torch.nn.Module):
 
 def test_find_batch_size_stops_below_out_of_memory_and_leaves_no_trace():
     data = digits(image_size=8)
-    accelerator = _accelerator(compose_run("trainer.device=cpu").trainer)
+    accelerator = accelerator_for(compose_run("trainer.device=cpu").trainer)
     model = _Capped(cap=100)
     optimizer = build_optimizer(compose_run().optimizer, model, lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}

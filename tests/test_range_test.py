@@ -15,7 +15,8 @@ from clrx.config import compose_run
 from clrx.errors import ConfigError
 from clrx.policies import LRRange
 from clrx.range_test import Curve, bounds, lr_range_test, suggest
-from clrx.train import _range_test_key, auto_bounds, prepare, train
+from clrx.session import prepare
+from clrx.train import _range_test_key, auto_bounds, train
 from tests.conftest import ROOT, main_in_process
 
 

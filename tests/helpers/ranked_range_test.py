@@ -9,8 +9,9 @@ from pathlib import Path
 
 from clrx.build import build_policy
 from clrx.config import compose_run
+from clrx.session import prepare
 from clrx.tracking import Silent
-from clrx.train import find_range, prepare
+from clrx.train import find_range
 
 
 def main(out: Path) -> None:
