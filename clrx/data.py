@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from clrx.augment import Pipeline
 from clrx.build import instantiate, settings_of
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, check_positive_whole
 
 LIMITS = ("limit_train", "limit_val")  # any dataset: train or validate on a fixed random subset
 
@@ -91,7 +91,7 @@ class Splits:
 def _subset(dataset: Dataset, count: int | None, setting: str) -> Dataset:
     if count is None:
         return dataset
-    _check_positive(setting, count)
+    check_positive_whole(setting, count)
     if count >= len(dataset):
         return dataset
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
@@ -108,11 +108,6 @@ def build_data(node: DictConfig) -> Splits:
         raise (error if error.setting.startswith("dataset.") else error.within("dataset")) from None
 
 
-def _check_positive(setting: str, value: object) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ConfigError(setting, f"must be a positive whole number, got {value!r}")
-
-
 def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:
     """scikit-learn's bundled 8x8 handwritten digits, resized and standardized.
 
@@ -121,7 +116,7 @@ def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_positive("image_size", image_size)
+    check_positive_whole("image_size", image_size)
     if not (isinstance(val_fraction, float) and 0 < val_fraction < 1):
         raise ConfigError("val_fraction", f"must be a number in (0, 1), got {val_fraction!r}")
     bunch = load_digits()
@@ -162,7 +157,7 @@ def fake(
         ("in_chans", in_chans),
         ("num_classes", num_classes),
     ]:
-        _check_positive(setting, value)
+        check_positive_whole(setting, value)
     generator = torch.Generator().manual_seed(seed)
 
     def part(n: int) -> TensorImages:

@@ -28,6 +28,12 @@ class ConfigError(ClrxError, ValueError):
         return ConfigError(f"{group}.{self.setting}", self.problem)
 
 
+def check_positive_whole(setting: str, value: object, unit: str = "") -> None:
+    """Counts (steps, images, pixels) must be positive integers; booleans are not counts."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(setting, f"must be a positive whole number{unit}, got {value!r}")
+
+
 class TrainingDiverged(ClrxError):
     """The loss stopped being finite; the run is marked FAILED with this reason."""
 

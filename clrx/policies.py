@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, check_positive_whole
 
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 RANGE_MODES = ("linear", "exp")
@@ -83,14 +83,6 @@ def _check_momentum_cycle(base: float | None, top: float | None) -> None:
     )
 
 
-def _check_steps(setting: str, value: object) -> None:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        setting,
-        f"must be a positive whole number of steps, got {value!r}",
-    )
-
-
 def _lerp(start: float, end: float, pct: float) -> float:
     # Written as torch's linear annealing is, so both agree to the last bit.
     return (end - start) * pct + start
@@ -133,7 +125,7 @@ class Cyclic:
 
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
-        _check_steps("stepsize", self.stepsize)
+        check_positive_whole("stepsize", self.stepsize, " of steps")
         _require(
             self.mode in CYCLIC_MODES,
             "mode",
@@ -190,7 +182,7 @@ class OneCycle:
 
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
-        _check_steps("total_steps", self.total_steps)
+        check_positive_whole("total_steps", self.total_steps, " of steps")
         _require(self.total_steps >= 2, "total_steps", f"must be at least 2, got {self.total_steps}")
         _require(
             _is_number(self.annihilate_pct) and 0 <= self.annihilate_pct < 1,
@@ -250,7 +242,7 @@ class Decay:
 
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
-        _check_steps("stepsize", self.stepsize)
+        check_positive_whole("stepsize", self.stepsize, " of steps")
         _check_momentum("momentum", self.momentum)
 
     def __call__(self, step: int) -> Hyper:
@@ -285,7 +277,7 @@ class LRRange:
         _check_lr("min_lr", self.min_lr)
         _check_lr("max_lr", self.max_lr)
         _require(self.min_lr < self.max_lr, "min_lr", f"must be below max_lr, got {self.min_lr} >= {self.max_lr}")
-        _check_steps("num_iter", self.num_iter)
+        check_positive_whole("num_iter", self.num_iter, " of steps")
         _require(self.num_iter >= 2, "num_iter", f"must be at least 2, got {self.num_iter}")
         _require(self.mode in RANGE_MODES, "mode", f"must be one of {', '.join(RANGE_MODES)}, got {self.mode!r}")
         _check_momentum("momentum", self.momentum)
@@ -323,7 +315,7 @@ class Stages:
     def __post_init__(self) -> None:
         _require(len(self.stages) > 0, "stages", "needs at least one stage")
         for index, (steps, _) in enumerate(self.stages):
-            _check_steps(f"stages[{index}].steps", steps)
+            check_positive_whole(f"stages[{index}].steps", steps, " of steps")
 
     def __call__(self, step: int) -> Hyper:
         start = 0

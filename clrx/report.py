@@ -16,8 +16,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from clrx.errors import ClrxError, user_errors
-from clrx.sweep import PARENT_FILE, parent_run_id
-from clrx.tracking import default_uri, open_store
+from clrx.tracking import PARENT_FILE, default_uri, open_store, parent_run_id
 
 RULES = ("paper", "steepest", "minimum/10", "valley")
 

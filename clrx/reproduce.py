@@ -114,7 +114,7 @@ def table_one(
 ) -> tuple[list[dict[str, object]], dict[tuple[str, int], list[Trained]], dict[str, list[Trained]]]:
     runs = {
         (name, budget): study.run(f"{name} {budget} epochs", [*overrides, f"trainer.epochs={budget}"])
-        for budget in (epochs, max(1, epochs // 2))
+        for budget in (epochs, epochs // 2)
         for name, overrides in POLICIES.items()
     }
     target = mean(runs[("fixed", epochs)])
@@ -180,7 +180,7 @@ def claims(
     """Each paper claim checked against the measurements: what was claimed, what was measured, the verdict."""
     fixed = table[("fixed", epochs)]
     target, budget = mean(fixed), last_step(fixed)
-    half = max(1, epochs // 2)
+    half = epochs // 2
     rows = []
     for name in POLICIES:
         if name == "fixed":

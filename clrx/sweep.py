@@ -18,18 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.config import main_process
 from clrx.errors import ClrxError
-from clrx.tracking import default_uri, experiment_id, open_store
+from clrx.report import report
+from clrx.tracking import PARENT_FILE, default_uri, experiment_id, open_store, parent_run_id
 
-PARENT_FILE = "mlflow_parent_run"
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 # Parent runs this process opened and has not closed: a sweep that dies early closes them FAILED.
 _open_parents: list[tuple[MlflowClient, str]] = []
-
-
-def parent_run_id(sweep_dir: str | Path) -> str | None:
-    """The parent run of the sweep writing to ``sweep_dir``, if one was started."""
-    path = Path(sweep_dir) / PARENT_FILE
-    return path.read_text().strip() if path.exists() else None
 
 
 def bisect(center: float) -> str:
@@ -79,8 +73,6 @@ class SweepRuns(Callback):
         _open_parents.append((client, run.info.run_id))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from clrx.report import report
-
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = parent_run_id(sweep_dir)
         if parent is not None and main_process():

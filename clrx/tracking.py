@@ -30,6 +30,7 @@ from clrx.errors import ConfigError
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+PARENT_FILE = "mlflow_parent_run"  # in a sweep's folder: the id of the sweep's parent run
 
 
 def default_uri() -> str:
@@ -76,6 +77,12 @@ def open_store(uri: str) -> MlflowClient:
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise ConfigError("tracking.uri", f"cannot open MLflow store {uri!r}: {reason[:300]}") from None
     return client
+
+
+def parent_run_id(sweep_dir: str | Path) -> str | None:
+    """The parent run of the sweep writing to ``sweep_dir``, if one was started."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return path.read_text().strip() if path.exists() else None
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from clrx.config import compose_run
 from clrx.report import main as report_main
 from clrx.report import overlay
-from clrx.sweep import PARENT_FILE
+from clrx.tracking import PARENT_FILE
 from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64
