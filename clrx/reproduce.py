@@ -74,8 +74,19 @@ def last_step(results: list[Trained]) -> int | None:
     return max((r.curve[-1][0] for r in results if r.curve), default=None)
 
 
-def steps_to_reach(result: Trained, target: float) -> int | None:
-    return next((step for step, value in result.curve if value >= target), None)
+def steps_to_reach(results: list[Trained], target: float) -> list[int]:
+    """For each seed that gets to ``target``, the first step where it does."""
+    firsts = (next((step for step, value in r.curve if value >= target), None) for r in results)
+    return [step for step in firsts if step is not None]
+
+
+def close_to(results: list[Trained], best: list[Trained]) -> bool:
+    """At most one standard deviation (the larger of the two) below ``best``."""
+    return mean(results) >= mean(best) - max(spread(results), spread(best))
+
+
+def top_lr(results: list[Trained]) -> float:
+    return statistics.mean(r.max_lr for r in results)
 
 
 class Study:
@@ -120,7 +131,7 @@ def table_one(
     target = mean(runs[("fixed", epochs)])
     rows = []
     for (name, budget), results in runs.items():
-        reached = [steps for r in results if (steps := steps_to_reach(r, target)) is not None]
+        reached = steps_to_reach(results, target)
         mean_steps = f"{statistics.mean(reached):.0f} " if reached else ""
         rows.append(
             {
@@ -145,7 +156,7 @@ def hand_picked(
     rows = [
         {
             "one_cycle bounds": label,
-            "max_lr (mean)": f"{statistics.mean(r.max_lr for r in results):.3g}",
+            "max_lr (mean)": f"{top_lr(results):.3g}",
             "val_acc (mean ± sd)": mean_sd(results),
         }
         for label, results in found.items()
@@ -186,14 +197,13 @@ def claims(
         if name == "fixed":
             continue
         full = table[(name, epochs)]
-        steps = [steps_to_reach(r, target) for r in full]
-        reached = [s for s in steps if s is not None]
-        early = len(reached) == len(steps) and statistics.mean(reached) < budget
+        reached = steps_to_reach(full, target)
+        early = len(reached) == len(full) and statistics.mean(reached) < budget
         first = f"mean step {statistics.mean(reached):.0f} of {budget}" if reached else "never"
         rows.append(
             {
                 "claim": f"{name} reaches fixed's final accuracy in fewer steps",
-                "measured": f"fixed {target:.4f} reached by {len(reached)}/{len(steps)} seeds, {first}",
+                "measured": f"fixed {target:.4f} reached by {len(reached)}/{len(full)} seeds, {first}",
                 "verdict": _verdict(early),
             }
         )
@@ -211,17 +221,18 @@ def claims(
         {
             "claim": "the range test's bounds are as good as the best hand-picked ones (within one sd)",
             "measured": f"auto {mean_sd(auto[1])} vs {best_label} {mean_sd(best)}",
-            "verdict": _verdict(mean(auto[1]) >= mean(best) - max(spread(auto[1]), spread(best))),
+            "verdict": _verdict(close_to(auto[1], best)),
         }
     )
     best_decay = max(decays, key=lambda decay: mean(decays[decay]))
     strong = max(STRONG_DECAYS, key=lambda decay: mean(decays[decay]))
-    close = mean(decays[strong]) >= mean(decays[best_decay]) - max(spread(decays[strong]), spread(decays[best_decay]))
     rows.append(
         {
             "claim": f"on small data more weight decay ({' or '.join(STRONG_DECAYS)}) is best",
             "measured": f"best {best_decay}: {mean_sd(decays[best_decay])}; {strong}: {mean_sd(decays[strong])}",
-            "verdict": _verdict(True) if best_decay == strong else UNRESOLVED if close else _verdict(False),
+            "verdict": UNRESOLVED
+            if best_decay != strong and close_to(decays[strong], decays[best_decay])
+            else _verdict(best_decay == strong),
         }
     )
     return rows
@@ -244,10 +255,9 @@ def figure(
         by_step.fill_between(steps, means - sds, means + sds, alpha=0.2)
     by_step.set(xlabel="optimizer step", ylabel="validation accuracy", title="policies (mean ± sd over seeds)")
     (auto_label, auto), *picked = bounds.items()
-    tops = [statistics.mean(r.max_lr for r in results) for _, results in picked]
+    tops = [top_lr(results) for _, results in picked]
     by_lr.errorbar(tops, [mean(r) for _, r in picked], [spread(r) for _, r in picked], marker="o", label="hand-picked")
-    auto_top = statistics.mean(r.max_lr for r in auto)
-    by_lr.errorbar([auto_top], [mean(auto)], [spread(auto)], marker="*", markersize=14, ls="", label=auto_label)
+    by_lr.errorbar([top_lr(auto)], [mean(auto)], [spread(auto)], marker="*", markersize=14, ls="", label=auto_label)
     by_lr.set(xscale="log", xlabel="one-cycle max_lr", ylabel="validation accuracy", title="bounds")
     labels = list(decays)
     by_decay.errorbar(labels, [mean(r) for r in decays.values()], [spread(r) for r in decays.values()], marker="o")
