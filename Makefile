@@ -30,13 +30,13 @@ ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: install ## time clrx's step against a hand-written loop; writes bench.json (ARGS="model.name=resnet18 ...")
-	$(PY) -m clrx.bench $(ARGS)
+	$(PY) -m clrx.studies.bench $(ARGS)
 
 bench-data: install ## input-pipeline images/s next to the training step rate; writes throughput.json
-	$(PY) -m clrx.throughput $(ARGS)
+	$(PY) -m clrx.studies.throughput $(ARGS)
 
 reproduce: install ## the papers' claims at small scale, 3 seeds; writes reproduce/ (ARGS="--seeds 5 ...")
-	$(PY) -m clrx.reproduce $(ARGS)
+	$(PY) -m clrx.studies.reproduce $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 
 import json
 
-from clrx.bench import main
+from clrx.studies.bench import main
 
 
 def test_bench_writes_every_figure(tmp_path, monkeypatch):

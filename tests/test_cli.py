@@ -154,11 +154,11 @@ def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypa
 
 
 SCRIPT_BAD_INPUT = [
-    ("reproduce", ["optimizer=nope"], "clrx.reproduce: error: optimizer=nope is not available; choose one of: ada"),
+    ("reproduce", ["optimizer=nope"], "clrx.studies.reproduce: error: optimizer=nope is not available; choose one of: ada"),
     ("reproduce", ["--epochs", "1"], "--epochs must be at least 2 (the reduced budget is half of it), got 1"),
     ("reproduce", ["--max-lrs", "0.1,high"], "expected comma-separated numbers such as 0.1,0.3,1; got '0.1,high'"),
-    ("bench", ["trainer.batch_size=0"], "clrx.bench: error: trainer.batch_size: must be at least 1, got 0"),
-    ("throughput", ["model=nope"], "clrx.throughput: error: model=nope is not available; choose one of:"),
+    ("bench", ["trainer.batch_size=0"], "clrx.studies.bench: error: trainer.batch_size: must be at least 1, got 0"),
+    ("throughput", ["model=nope"], "clrx.studies.throughput: error: model=nope is not available; choose one of:"),
 ]
 
 
@@ -168,7 +168,7 @@ SCRIPT_BAD_INPUT = [
 def test_the_scripts_bad_input_is_one_line(tmp_path, store, monkeypatch, capsys, script, args, expected):
     uri, client = store
     monkeypatch.chdir(tmp_path)
-    main = importlib.import_module(f"clrx.{script}").main
+    main = importlib.import_module(f"clrx.studies.{script}").main
     with pytest.raises(SystemExit) as exited:
         main([*args, f"tracking.uri={uri}"])
     lines = capsys.readouterr().err.strip().splitlines()

@@ -2,7 +2,7 @@
 
 from mlflow.entities import ViewType
 
-from clrx.reproduce import HAND_PICKED, POLICIES, UNRESOLVED, WEIGHT_DECAYS, Trained, claims, main
+from clrx.studies.reproduce import HAND_PICKED, POLICIES, UNRESOLVED, WEIGHT_DECAYS, Trained, claims, main
 
 
 def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):

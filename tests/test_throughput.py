@@ -2,7 +2,7 @@
 
 import json
 
-from clrx.throughput import main
+from clrx.studies.throughput import main
 
 
 def test_throughput_reports_both_pipelines(tmp_path, data_root, capsys):

@@ -1,7 +1,7 @@
 """Speed benchmark: clrx's training step against a hand-written PyTorch loop, side by side.
 
-    python -m clrx.bench                                   # test_resnet on digits (make bench)
-    python -m clrx.bench model.name=resnet18 dataset=fake trainer.batch_size=128 trainer.precision=bf16
+    python -m clrx.studies.bench                                   # test_resnet on digits (make bench)
+    python -m clrx.studies.bench model.name=resnet18 dataset=fake trainer.batch_size=128 trainer.precision=bf16
 
 Both loops train the same model, data, batch size and threads in one process; blocks of steps of
 each are timed in turn, so drifts of the machine hit both alike. A third loop, clrx's with tracking
@@ -161,13 +161,13 @@ def _startup_seconds(overrides: list[str], uri: str, workdir: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clrx.studies.bench", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m clrx")
     parser.add_argument("--block", type=int, default=20, help="steps timed at a time")
     parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
-    with user_errors("clrx.bench"):
+    with user_errors("clrx.studies.bench"):
         bench(args)
 
 

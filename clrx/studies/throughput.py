@@ -1,7 +1,7 @@
 """Input-pipeline throughput next to the training step rate: can data loading keep up?
 
-    python -m clrx.throughput                                   # make bench-data
-    python -m clrx.throughput model=cifar_resnet18 trainer.batch_size=256 --folder /data/imagenette2-320
+    python -m clrx.studies.throughput                                   # make bench-data
+    python -m clrx.studies.throughput model=cifar_resnet18 trainer.batch_size=256 --folder /data/imagenette2-320
 
 Two pipelines, each timed alone and against the configured model's training step at the same
 image size: CIFAR-sized images held in memory and augmented in batches on the device, and an
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clrx.augment import Pipeline
-from clrx.bench import autocast_dtype, device_for, synchronize
+from clrx.studies.bench import autocast_dtype, device_for, synchronize
 from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
 from clrx.data import Splits, TensorImages
@@ -85,14 +85,14 @@ def training_rate(cfg, size: int, batch_size: int, device: torch.device, steps: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.throughput", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clrx.studies.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m clrx")
     parser.add_argument("--folder", type=Path, help="an image folder tree (train/<class>/...) instead of generated")
     parser.add_argument("--image-size", type=int, default=128, help="crop size for the image folder")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("throughput.json"))
     args = parser.parse_args(argv)
-    with user_errors("clrx.throughput"):
+    with user_errors("clrx.studies.throughput"):
         measure(args)
 
 

@@ -1,7 +1,7 @@
 """The papers' claims at small scale, with clrx itself: one MLflow parent run, a child per training.
 
-    python -m clrx.reproduce                          # digits, 3 seeds (make reproduce)
-    python -m clrx.reproduce --seeds 5 dataset=fake   # more seeds, other data: any override
+    python -m clrx.studies.reproduce                          # digits, 3 seeds (make reproduce)
+    python -m clrx.studies.reproduce --seeds 5 dataset=fake   # more seeds, other data: any override
 
 Three studies, every number a mean and standard deviation over seeds:
 1. Table 1 of arXiv 1506.01186: fixed LR vs triangular2 vs exp_range vs one_cycle at the full and
@@ -312,7 +312,7 @@ def reproduce(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.reproduce", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clrx.studies.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="config overrides for every run, as for python -m clrx")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8, help="the full budget; the reduced one is half")
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if args.epochs < 2:
         parser.error(f"--epochs must be at least 2 (the reduced budget is half of it), got {args.epochs}")
-    with user_errors("clrx.reproduce"):
+    with user_errors("clrx.studies.reproduce"):
         reproduce(args)
 
 
