@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch.utils.data import default_collate
 
 from clrx.checkpoint import rng_state, set_rng_state
-from clrx.data import Splits
+from clrx.data.splits import Splits
 from clrx.errors import ConfigError
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")

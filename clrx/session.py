@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from clrx.batch_size import find_batch_size
 from clrx.build import build_optimizer, instantiate
 from clrx.config import check_trainer
-from clrx.data import Splits, build_data
+from clrx.data.splits import Splits, build_data
 from clrx.errors import ConfigError
 from clrx.optim import applied_momentum, apply_hyper, momentum_name
 from clrx.policies import Policy

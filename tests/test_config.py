@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import CONF, compose_run
-from clrx.data import build_data
+from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.policies import Hyper
 

@@ -6,10 +6,10 @@ from scipy.stats import chi2_contingency
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from clrx.augment import Pipeline, random_crop, random_flip
+from clrx.data.augment import Pipeline, random_crop, random_flip
 from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
-from clrx.data import build_data
+from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.optim import applied_momentum, apply_hyper, momentum_name
 from clrx.policies import Hyper

@@ -10,7 +10,7 @@ import torch
 from clrx.batch_size import find_batch_size, largest
 from clrx.build import build_optimizer
 from clrx.config import compose_run
-from clrx.data import digits
+from clrx.data.datasets import digits
 from clrx.errors import ConfigError
 from clrx.session import accelerator_for
 from clrx.train import train

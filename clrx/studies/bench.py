@@ -31,7 +31,7 @@ from mlflow.entities import Metric
 
 from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import compose_run
-from clrx.data import build_data
+from clrx.data.splits import build_data
 from clrx.errors import user_errors
 from clrx.recorder import Recorder
 from clrx.session import prepare

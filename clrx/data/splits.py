@@ -1,6 +1,7 @@
-"""What a run trains on: a train/validation pair, and the datasets that need no files.
+"""What a run trains on: a train/validation pair (``Splits``), how it is loaded, and the configured one.
 
-Datasets read from files live in ``clrx.datasets``; all of them arrive here as ``Splits``.
+The dataset factories live in ``clrx.data.datasets``; each returns ``Splits``. Nothing here knows a
+particular dataset.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from clrx.augment import Pipeline
+from clrx.data.augment import Pipeline
 from clrx.build import instantiate, settings_of
 from clrx.errors import ConfigError, check_positive_whole
 
@@ -106,62 +106,3 @@ def build_data(node: DictConfig) -> Splits:
         return instantiate(settings, "dataset").limited(**limits)
     except ConfigError as error:
         raise (error if error.setting.startswith("dataset.") else error.within("dataset")) from None
-
-
-def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:
-    """scikit-learn's bundled 8x8 handwritten digits, resized and standardized.
-
-    The split is stratified and fixed by ``split_seed``; statistics come from the train part.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    check_positive_whole("image_size", image_size)
-    if not (isinstance(val_fraction, float) and 0 < val_fraction < 1):
-        raise ConfigError("val_fraction", f"must be a number in (0, 1), got {val_fraction!r}")
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(bunch.target, dtype=torch.long)
-    train_idx, val_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=val_fraction,
-        random_state=split_seed,
-        stratify=labels.numpy(),
-    )
-    if image_size != images.shape[-1]:
-        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
-    train, val = images[train_idx], images[val_idx]
-    mean, std = train.mean(), train.std()
-    return Splits(
-        name="digits",
-        train=TensorImages((train - mean) / std, labels[train_idx]),
-        val=TensorImages((val - mean) / std, labels[val_idx]),
-        num_classes=10,
-        in_chans=1,
-    )
-
-
-def fake(
-    num_train: int = 1024,
-    num_val: int = 256,
-    image_size: int = 32,
-    in_chans: int = 3,
-    num_classes: int = 10,
-    seed: int = 0,
-) -> Splits:
-    """Random standard-normal images with random labels, for throughput measurements."""
-    for setting, value in [
-        ("num_train", num_train),
-        ("num_val", num_val),
-        ("image_size", image_size),
-        ("in_chans", in_chans),
-        ("num_classes", num_classes),
-    ]:
-        check_positive_whole(setting, value)
-    generator = torch.Generator().manual_seed(seed)
-
-    def part(n: int) -> TensorImages:
-        images = torch.randn(n, in_chans, image_size, image_size, generator=generator)
-        return TensorImages(images, torch.randint(num_classes, (n,), generator=generator))
-
-    return Splits("fake", part(num_train), part(num_val), num_classes, in_chans)

@@ -1,7 +1,8 @@
-"""Research datasets from files in their usual formats: CIFAR-10/100, MNIST, Fashion-MNIST, image folders.
+"""Every dataset a config can name, each a factory returning ``Splits``.
 
-Nothing is downloaded unless ``download`` is set. CIFAR and MNIST are small enough to hold in
-memory as uint8 tensors and are augmented in batches on the device (``clrx.augment``); image
+scikit-learn's digits and random ``fake`` images need no files; CIFAR-10/100, MNIST, Fashion-MNIST and
+image folders are read from files in their usual formats. Nothing is downloaded unless ``download`` is set. CIFAR and MNIST are small enough to hold in
+memory as uint8 tensors and are augmented in batches on the device (``clrx.data.augment``); image
 folders are decoded and augmented per image in DataLoader worker processes.
 """
 
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from clrx.augment import Pipeline
-from clrx.data import Splits, TensorImages
-from clrx.errors import ConfigError
+from clrx.data.augment import Pipeline
+from clrx.data.splits import Splits, TensorImages
+from clrx.errors import ConfigError, check_positive_whole
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -186,3 +188,62 @@ def imagefolder(
         raise ConfigError("root", f"{val_dir} has classes {val.classes}, train has {train.classes}; they must match")
     workers = default_workers() if num_workers is None else num_workers
     return Splits(base.name, train, val, len(train.classes), 3, classes=tuple(train.classes), num_workers=workers)
+
+
+def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits, resized and standardized.
+
+    The split is stratified and fixed by ``split_seed``; statistics come from the train part.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    check_positive_whole("image_size", image_size)
+    if not (isinstance(val_fraction, float) and 0 < val_fraction < 1):
+        raise ConfigError("val_fraction", f"must be a number in (0, 1), got {val_fraction!r}")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, val_idx = train_test_split(
+        torch.arange(len(labels)).numpy(),
+        test_size=val_fraction,
+        random_state=split_seed,
+        stratify=labels.numpy(),
+    )
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
+    train, val = images[train_idx], images[val_idx]
+    mean, std = train.mean(), train.std()
+    return Splits(
+        name="digits",
+        train=TensorImages((train - mean) / std, labels[train_idx]),
+        val=TensorImages((val - mean) / std, labels[val_idx]),
+        num_classes=10,
+        in_chans=1,
+    )
+
+
+def fake(
+    num_train: int = 1024,
+    num_val: int = 256,
+    image_size: int = 32,
+    in_chans: int = 3,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Splits:
+    """Random standard-normal images with random labels, for throughput measurements."""
+    for setting, value in [
+        ("num_train", num_train),
+        ("num_val", num_val),
+        ("image_size", image_size),
+        ("in_chans", in_chans),
+        ("num_classes", num_classes),
+    ]:
+        check_positive_whole(setting, value)
+    generator = torch.Generator().manual_seed(seed)
+
+    def part(n: int) -> TensorImages:
+        images = torch.randn(n, in_chans, image_size, image_size, generator=generator)
+        return TensorImages(images, torch.randint(num_classes, (n,), generator=generator))
+
+    return Splits("fake", part(num_train), part(num_val), num_classes, in_chans)
