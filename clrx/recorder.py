@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from clrx.errors import TrainingDiverged
-from clrx.tracking import Tracker
+from clrx.tracking.store import Tracker
 
 
 class Recorder:

@@ -32,12 +32,12 @@ from clrx.build import build_policy
 from clrx.config import check_trainer
 from clrx.errors import ConfigError
 from clrx.optim import applied_momentum
-from clrx.plots import schedule_figure
+from clrx.tracking.plots import schedule_figure
 from clrx.policies import Hyper, LRRange, Policy
 from clrx.range_test import Curve, Suggestion, batch_accuracy, bounds, range_figure, run_range_test, suggest
 from clrx.recorder import Recorder
 from clrx.session import Batch, Session, prepare
-from clrx.tracking import Silent, Tracker, default_uri, flatten, open_store, tracked_run
+from clrx.tracking.store import Silent, Tracker, default_uri, flatten, open_store, tracked_run
 
 AUTO = "auto"
 BOUNDS = ("base_lr", "max_lr")

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
 from clrx.config import register
-from clrx.sweep import register_sweeps
+from clrx.tracking.sweep import register_sweeps
 from tests.datafiles import write_all
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from clrx.config import compose_run
-from clrx.report import main as report_main
-from clrx.report import overlay
-from clrx.tracking import PARENT_FILE
+from clrx.tracking.report import main as report_main
+from clrx.tracking.report import overlay
+from clrx.tracking.store import PARENT_FILE
 from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64
@@ -105,7 +105,7 @@ def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, cap
     with pytest.raises(SystemExit) as exited:
         report_main(["0123456789abcdef", "--tracking-uri", uri])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == f"clrx.report: error: no MLflow run '0123456789abcdef' in {uri}"
+    assert capsys.readouterr().err.strip() == f"clrx.tracking.report: error: no MLflow run '0123456789abcdef' in {uri}"
 
 
 def test_bisect_sweeps_three_values_around_the_given_weight_decay():

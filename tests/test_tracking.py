@@ -3,7 +3,7 @@
 import pytest
 
 from clrx.errors import ConfigError
-from clrx.tracking import flatten, open_store, tracked_run
+from clrx.tracking.store import flatten, open_store, tracked_run
 
 
 def test_every_buffered_point_lands_once_across_many_batches(store):

@@ -35,7 +35,7 @@ from clrx.data.splits import build_data
 from clrx.errors import user_errors
 from clrx.recorder import Recorder
 from clrx.session import prepare
-from clrx.tracking import METRICS_PER_BATCH, Silent, open_store, tracked_run
+from clrx.tracking.store import METRICS_PER_BATCH, Silent, open_store, tracked_run
 from clrx.train import train
 
 

@@ -27,8 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from clrx.config import compose_run
 from clrx.errors import TrainingDiverged, user_errors
-from clrx.report import markdown
-from clrx.tracking import default_uri, experiment_id, open_store
+from clrx.tracking.report import markdown
+from clrx.tracking.store import default_uri, experiment_id, open_store
 from clrx.train import train
 
 AUTO = ["policy.base_lr=auto", "policy.max_lr=auto"]

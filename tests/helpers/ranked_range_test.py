@@ -10,7 +10,7 @@ from pathlib import Path
 from clrx.build import build_policy
 from clrx.config import compose_run
 from clrx.session import prepare
-from clrx.tracking import Silent
+from clrx.tracking.store import Silent
 from clrx.train import find_range
 
 

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.config import main_process
 from clrx.errors import ClrxError
-from clrx.report import report
-from clrx.tracking import PARENT_FILE, default_uri, experiment_id, open_store, parent_run_id
+from clrx.tracking.report import report
+from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store, parent_run_id
 
-SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 # Parent runs this process opened and has not closed: a sweep that dies early closes them FAILED.
 _open_parents: list[tuple[MlflowClient, str]] = []
 

@@ -1,7 +1,7 @@
 """A sweep's summary, rebuilt from MLflow at any time: a table and overlay plots on the parent run.
 
-python -m clrx.report multirun/2026-11-23/10-00-00.123456   # a sweep folder
-python -m clrx.report 3f2a9c...                             # or a parent run id
+python -m clrx.tracking.report multirun/2026-11-23/10-00-00.123456   # a sweep folder
+python -m clrx.tracking.report 3f2a9c...                             # or a parent run id
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from clrx.errors import ClrxError, user_errors
-from clrx.tracking import PARENT_FILE, default_uri, open_store, parent_run_id
+from clrx.tracking.store import PARENT_FILE, default_uri, open_store, parent_run_id
 
 RULES = ("paper", "steepest", "minimum/10", "valley")
 
@@ -151,11 +151,11 @@ def report(client: MlflowClient, parent: str, out_dir: Path, close: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m clrx.tracking.report", description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="a sweep folder (multirun/...) or the parent run's id")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: as python -m clrx uses)")
     args = parser.parse_args(argv)
-    with user_errors("clrx.report"):
+    with user_errors("clrx.tracking.report"):
         client = open_store(args.tracking_uri or default_uri())
         folder = Path(args.sweep)
         parent = parent_run_id(folder) if folder.is_dir() else args.sweep
