@@ -34,7 +34,10 @@ from clrx.errors import ConfigError
 from clrx.optim import applied_momentum
 from clrx.tracking.plots import schedule_figure
 from clrx.policies import Hyper, LRRange, Policy
-from clrx.range_test import Curve, Suggestion, batch_accuracy, bounds, range_figure, run_range_test, suggest
+from clrx.range_test.curve import Curve
+from clrx.range_test.figure import range_figure
+from clrx.range_test.run import batch_accuracy, run_range_test
+from clrx.range_test.suggest import Suggestion, bounds, suggest
 from clrx.recorder import Recorder
 from clrx.session import Batch, Session, prepare
 from clrx.tracking.store import Silent, Tracker, default_uri, flatten, open_store, tracked_run

@@ -14,7 +14,9 @@ from clrx.checkpoint import rng_state
 from clrx.config import compose_run
 from clrx.errors import ConfigError
 from clrx.policies import LRRange
-from clrx.range_test import Curve, bounds, lr_range_test, suggest
+from clrx.range_test.curve import Curve
+from clrx.range_test.run import lr_range_test
+from clrx.range_test.suggest import bounds, suggest
 from clrx.session import prepare
 from clrx.train import _range_test_key, auto_bounds, train
 from tests.conftest import ROOT, main_in_process
