@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_weight_decay
 
 from clrx.errors import ConfigError
-from clrx.policies import Policy
+from clrx.schedules.policies import Policy
 
 OPTIMIZER_FRACTIONS = ("momentum", "alpha", "rho")
 

@@ -28,8 +28,8 @@ from clrx.build import build_optimizer, instantiate
 from clrx.config import check_trainer
 from clrx.data.splits import Splits, build_data
 from clrx.errors import ConfigError
-from clrx.optim import applied_momentum, apply_hyper, momentum_name
-from clrx.policies import Policy
+from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
+from clrx.schedules.policies import Policy
 from clrx.recorder import Recorder
 
 Batch = tuple[torch.Tensor, torch.Tensor]

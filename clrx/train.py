@@ -31,9 +31,9 @@ from clrx import checkpoint
 from clrx.build import build_policy
 from clrx.config import check_trainer
 from clrx.errors import ConfigError
-from clrx.optim import applied_momentum
+from clrx.schedules.apply import applied_momentum
 from clrx.tracking.plots import schedule_figure
-from clrx.policies import Hyper, LRRange, Policy
+from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test

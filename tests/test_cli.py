@@ -6,7 +6,7 @@ import pytest
 from mlflow.entities import ViewType
 
 from clrx.config import compose_run
-from clrx.policies import OneCycle
+from clrx.schedules.policies import OneCycle
 from clrx.train import train
 from tests.conftest import main_in_process, run_cli
 

@@ -8,7 +8,7 @@ from clrx.build import build_optimizer, build_policy, instantiate
 from clrx.config import CONF, compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
-from clrx.policies import Hyper
+from clrx.schedules.policies import Hyper
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
@@ -65,7 +65,7 @@ def test_one_cycle_spans_the_run_unless_told_otherwise():
         (["policy=triangular", "policy.stepsize=5"], "policy.stepsize"),
         (["policy=triangular", "policy.stepsize_epochs=0"], "policy.stepsize_epochs"),
         (["+policy.warmup=3"], "policy.warmup"),
-        (["policy._target_=clrx.policies.Nope"], "policy._target_"),
+        (["policy._target_=clrx.schedules.policies.Nope"], "policy._target_"),
         (["policy.max_lr=0.01"], "policy.base_lr"),
         (["policy=multistage", "+policy.stages.0.length=3"], "policy.stages[0].length"),
         (["policy=multistage", "policy.stages.1.policy.base_lr=1.0"], "policy.stages[1].policy.base_lr"),

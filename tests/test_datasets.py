@@ -11,8 +11,8 @@ from clrx.build import build_optimizer, instantiate
 from clrx.config import compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
-from clrx.optim import applied_momentum, apply_hyper, momentum_name
-from clrx.policies import Hyper
+from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
+from clrx.schedules.policies import Hyper
 from clrx.train import train
 from tests.datafiles import CIFAR_SIZES
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clrx.errors import ConfigError
-from clrx.optim import applied_momentum, apply_hyper, momentum_name
-from clrx.policies import CYCLIC_MODES, Cyclic, Decay, Exp, Fixed, Hyper, LRRange, OneCycle, Stages
-from clrx.scheduler import PolicyScheduler
+from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
+from clrx.schedules.policies import CYCLIC_MODES, Cyclic, Decay, Exp, Fixed, Hyper, LRRange, OneCycle, Stages
+from clrx.schedules.scheduler import PolicyScheduler
 
 
 def _sgd() -> torch.optim.SGD:

@@ -13,7 +13,7 @@ import torch
 from clrx.checkpoint import rng_state
 from clrx.config import compose_run
 from clrx.errors import ConfigError
-from clrx.policies import LRRange
+from clrx.schedules.policies import LRRange
 from clrx.range_test.curve import Curve
 from clrx.range_test.run import lr_range_test
 from clrx.range_test.suggest import bounds, suggest

@@ -111,7 +111,7 @@ def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, cap
 def test_bisect_sweeps_three_values_around_the_given_weight_decay():
     cfg = compose_run("+sweep=wd_bisect", "wd=1e-4", return_hydra=True)
     assert cfg.hydra.sweeper.params["optimizer.weight_decay"] == "0.0003,0.0001,3.33e-05"
-    assert cfg.policy._target_ == "clrx.policies.LRRange"
+    assert cfg.policy._target_ == "clrx.schedules.policies.LRRange"
 
 
 @pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])

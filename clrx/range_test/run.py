@@ -16,8 +16,8 @@ import torch
 from clrx.errors import ConfigError
 from clrx.range_test.curve import Curve
 from clrx.range_test.suggest import Suggestion, suggest
-from clrx.optim import apply_hyper
-from clrx.policies import Hyper, LRRange
+from clrx.schedules.apply import apply_hyper
+from clrx.schedules.policies import Hyper, LRRange
 
 
 def run_range_test(

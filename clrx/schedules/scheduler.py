@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from clrx.optim import apply_hyper
-from clrx.policies import Hyper, Policy
+from clrx.schedules.apply import apply_hyper
+from clrx.schedules.policies import Hyper, Policy
 
 
 class PolicyScheduler(LRScheduler):

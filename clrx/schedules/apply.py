@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from clrx.policies import Hyper
+from clrx.schedules.policies import Hyper
 
 
 def momentum_name(optimizer: torch.optim.Optimizer) -> str | None:
