@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clrx.config import CONF, main_process, register
+from clrx.config.schema import CONF, main_process, register
 from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps

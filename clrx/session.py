@@ -24,8 +24,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from clrx.batch_size import find_batch_size
-from clrx.build import build_optimizer, instantiate
-from clrx.config import check_trainer
+from clrx.config.build import build_optimizer, instantiate
+from clrx.config.schema import check_trainer
 from clrx.data.splits import Splits, build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name

@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from clrx import checkpoint
-from clrx.build import build_policy
-from clrx.config import check_trainer
+from clrx.config.build import build_policy
+from clrx.config.schema import check_trainer
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.tracking.plots import schedule_figure

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
-from clrx.config import register
+from clrx.config.schema import register
 from clrx.tracking.sweep import register_sweeps
 from tests.datafiles import write_all
 

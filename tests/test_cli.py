@@ -5,7 +5,7 @@ import importlib
 import pytest
 from mlflow.entities import ViewType
 
-from clrx.config import compose_run
+from clrx.config.schema import compose_run
 from clrx.schedules.policies import OneCycle
 from clrx.train import train
 from tests.conftest import main_in_process, run_cli

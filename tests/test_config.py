@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clrx.build import build_optimizer, build_policy, instantiate
-from clrx.config import CONF, compose_run
+from clrx.config.build import build_optimizer, build_policy, instantiate
+from clrx.config.schema import CONF, compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.schedules.policies import Hyper

@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from clrx.data.augment import Pipeline, random_crop, random_flip
-from clrx.build import build_optimizer, instantiate
-from clrx.config import compose_run
+from clrx.config.build import build_optimizer, instantiate
+from clrx.config.schema import compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from clrx.batch_size import find_batch_size, largest
-from clrx.build import build_optimizer
-from clrx.config import compose_run
+from clrx.config.build import build_optimizer
+from clrx.config.schema import compose_run
 from clrx.data.datasets import digits
 from clrx.errors import ConfigError
 from clrx.session import accelerator_for

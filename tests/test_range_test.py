@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from clrx.checkpoint import rng_state
-from clrx.config import compose_run
+from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.schedules.policies import LRRange
 from clrx.range_test.curve import Curve

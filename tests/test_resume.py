@@ -9,7 +9,7 @@ import time
 import pytest
 
 from clrx import checkpoint
-from clrx.config import compose_run
+from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.train import train
 from tests.conftest import main_in_process

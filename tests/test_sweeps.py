@@ -12,7 +12,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from clrx.config import compose_run
+from clrx.config.schema import compose_run
 from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
 from clrx.tracking.store import PARENT_FILE

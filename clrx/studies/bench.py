@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from mlflow.entities import Metric
 
-from clrx.build import build_optimizer, build_policy, instantiate
-from clrx.config import compose_run
+from clrx.config.build import build_optimizer, build_policy, instantiate
+from clrx.config.schema import compose_run
 from clrx.data.splits import build_data
 from clrx.errors import user_errors
 from clrx.recorder import Recorder

@@ -25,7 +25,7 @@ import numpy
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from clrx.config import compose_run
+from clrx.config.schema import compose_run
 from clrx.errors import TrainingDiverged, user_errors
 from clrx.tracking.report import markdown
 from clrx.tracking.store import default_uri, experiment_id, open_store

@@ -25,8 +25,8 @@ from PIL import Image
 
 from clrx.data.augment import Pipeline
 from clrx.studies.bench import autocast_dtype, device_for, synchronize
-from clrx.build import build_optimizer, instantiate
-from clrx.config import compose_run
+from clrx.config.build import build_optimizer, instantiate
+from clrx.config.schema import compose_run
 from clrx.data.splits import Splits, TensorImages
 from clrx.data.datasets import CIFAR10_MEAN, CIFAR10_STD, imagefolder
 from clrx.errors import user_errors

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.config import main_process
+from clrx.config.schema import main_process
 from clrx.errors import ClrxError
 from clrx.tracking.report import report
 from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store, parent_run_id

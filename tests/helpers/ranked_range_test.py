@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from clrx.build import build_policy
-from clrx.config import compose_run
+from clrx.config.build import build_policy
+from clrx.config.schema import compose_run
 from clrx.session import prepare
 from clrx.tracking.store import Silent
 from clrx.train import find_range

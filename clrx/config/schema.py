@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"  # absolute: the same for `python -m`, scripts and tests
+CONF = Path(__file__).resolve().parents[2] / "conf"  # absolute: the same for `python -m`, scripts and tests
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
 # The smallest value each numeric trainer setting takes.
