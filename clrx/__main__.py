@@ -19,9 +19,10 @@ from omegaconf import DictConfig
 from clrx.config.schema import CONF, main_process, register
 from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
-from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
 from clrx.tracking.store import default_uri, parent_run_id, record_failed_job
-from clrx.train import Result, train
+from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
+from clrx.training.loop import Result
+from clrx.training.run import train
 
 log = logging.getLogger("clrx")
 register()

@@ -7,7 +7,7 @@ from mlflow.entities import ViewType
 
 from clrx.config.schema import compose_run
 from clrx.schedules.policies import OneCycle
-from clrx.train import train
+from clrx.training.run import train
 from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1437 training images, drop_last batches of 64
@@ -154,7 +154,11 @@ def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypa
 
 
 SCRIPT_BAD_INPUT = [
-    ("reproduce", ["optimizer=nope"], "clrx.studies.reproduce: error: optimizer=nope is not available; choose one of: ada"),
+    (
+        "reproduce",
+        ["optimizer=nope"],
+        "clrx.studies.reproduce: error: optimizer=nope is not available; choose one of: ada",
+    ),
     ("reproduce", ["--epochs", "1"], "--epochs must be at least 2 (the reduced budget is half of it), got 1"),
     ("reproduce", ["--max-lrs", "0.1,high"], "expected comma-separated numbers such as 0.1,0.3,1; got '0.1,high'"),
     ("bench", ["trainer.batch_size=0"], "clrx.studies.bench: error: trainer.batch_size: must be at least 1, got 0"),

@@ -6,14 +6,14 @@ from scipy.stats import chi2_contingency
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from clrx.data.augment import Pipeline, random_crop, random_flip
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import compose_run
+from clrx.data.augment import Pipeline, random_crop, random_flip
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Hyper
-from clrx.train import train
+from clrx.training.run import train
 from tests.datafiles import CIFAR_SIZES
 
 FORMATS = {  # option: (shape of one image, classes, training images, validation images)

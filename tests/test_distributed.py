@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from clrx.batch_size import find_batch_size, largest
 from clrx.config.build import build_optimizer
 from clrx.config.schema import compose_run
 from clrx.data.datasets import digits
 from clrx.errors import ConfigError
-from clrx.session import accelerator_for
-from clrx.train import train
+from clrx.training.batch_size import find_batch_size, largest
+from clrx.training.run import train
+from clrx.training.session import accelerator_for
 from tests.conftest import ROOT
 
 PER_EPOCH = 1437 // 64

@@ -10,15 +10,16 @@ import sys
 import pytest
 import torch
 
-from clrx.checkpoint import rng_state
 from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
-from clrx.schedules.policies import LRRange
 from clrx.range_test.curve import Curve
 from clrx.range_test.run import lr_range_test
 from clrx.range_test.suggest import bounds, suggest
-from clrx.session import prepare
-from clrx.train import _range_test_key, auto_bounds, train
+from clrx.schedules.policies import LRRange
+from clrx.training.auto import auto_bounds, range_test_key
+from clrx.training.checkpoint import rng_state
+from clrx.training.run import train
+from clrx.training.session import prepare
 from tests.conftest import ROOT, main_in_process
 
 
@@ -206,9 +207,9 @@ def test_ranks_average_the_loss_and_agree_on_stop_and_suggestions(tmp_path):
 
 def test_the_cache_key_follows_what_shapes_the_curve_only():
     cfg = compose_run()
-    key = _range_test_key(cfg, 176)
+    key = range_test_key(cfg, 176)
     same = compose_run("range_test.rule=valley", "range_test.div=3", "range_test.scale=2", "policy=triangular")
-    assert _range_test_key(same, 176) == key  # readings of the curve and the trained policy do not change it
-    assert _range_test_key(cfg, 88) != key  # a shorter test (num_iter null follows the run's length)
-    assert _range_test_key(compose_run("optimizer.weight_decay=0"), 176) != key
-    assert _range_test_key(compose_run("trainer.batch_size=32"), 176) != key
+    assert range_test_key(same, 176) == key  # readings of the curve and the trained policy do not change it
+    assert range_test_key(cfg, 88) != key  # a shorter test (num_iter null follows the run's length)
+    assert range_test_key(compose_run("optimizer.weight_decay=0"), 176) != key
+    assert range_test_key(compose_run("trainer.batch_size=32"), 176) != key

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from clrx import checkpoint
 from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
-from clrx.train import train
+from clrx.training import checkpoint
+from clrx.training.run import train
 from tests.conftest import main_in_process
 
 PER_EPOCH = 1437 // 64

@@ -1,9 +1,10 @@
 """Every dataset a config can name, each a factory returning ``Splits``.
 
-scikit-learn's digits and random ``fake`` images need no files; CIFAR-10/100, MNIST, Fashion-MNIST and
-image folders are read from files in their usual formats. Nothing is downloaded unless ``download`` is set. CIFAR and MNIST are small enough to hold in
-memory as uint8 tensors and are augmented in batches on the device (``clrx.data.augment``); image
-folders are decoded and augmented per image in DataLoader worker processes.
+scikit-learn's digits and random ``fake`` images need no files; CIFAR-10/100, MNIST, Fashion-MNIST
+and image folders are read from files in their usual formats. Nothing is downloaded unless
+``download`` is set. CIFAR and MNIST are small enough to hold in memory as uint8 tensors and are
+augmented in batches on the device (``clrx.data.augment``); image folders are decoded and augmented
+per image in DataLoader worker processes.
 """
 
 from __future__ import annotations

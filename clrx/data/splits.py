@@ -14,8 +14,8 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from clrx.data.augment import Pipeline
 from clrx.config.build import instantiate, settings_of
+from clrx.data.augment import Pipeline
 from clrx.errors import ConfigError, check_positive_whole
 
 LIMITS = ("limit_train", "limit_val")  # any dataset: train or validate on a fixed random subset

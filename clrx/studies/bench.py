@@ -33,10 +33,10 @@ from clrx.config.build import build_optimizer, build_policy, instantiate
 from clrx.config.schema import compose_run
 from clrx.data.splits import build_data
 from clrx.errors import user_errors
-from clrx.recorder import Recorder
-from clrx.session import prepare
 from clrx.tracking.store import METRICS_PER_BATCH, Silent, open_store, tracked_run
-from clrx.train import train
+from clrx.training.recorder import Recorder
+from clrx.training.run import train
+from clrx.training.session import prepare
 
 
 def device_for(cfg) -> torch.device:

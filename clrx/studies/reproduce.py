@@ -29,7 +29,7 @@ from clrx.config.schema import compose_run
 from clrx.errors import TrainingDiverged, user_errors
 from clrx.tracking.report import markdown
 from clrx.tracking.store import default_uri, experiment_id, open_store
-from clrx.train import train
+from clrx.training.run import train
 
 AUTO = ["policy.base_lr=auto", "policy.max_lr=auto"]
 POLICIES = {

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clrx.data.augment import Pipeline
-from clrx.studies.bench import autocast_dtype, device_for, synchronize
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import compose_run
-from clrx.data.splits import Splits, TensorImages
+from clrx.data.augment import Pipeline
 from clrx.data.datasets import CIFAR10_MEAN, CIFAR10_STD, imagefolder
+from clrx.data.splits import Splits, TensorImages
 from clrx.errors import user_errors
+from clrx.studies.bench import autocast_dtype, device_for, synchronize
 
 
 def in_memory(count: int = 50_000, size: int = 32) -> Splits:

@@ -290,6 +290,45 @@ def tracked_run(
     tracker.finish("FINISHED")
 
 
+@contextmanager
+def main_run(
+    client: MlflowClient | None, experiment: str, name: str | None, tags: Mapping[str, str], resume: str | None = None
+) -> Iterator[Tracker | Silent]:
+    """The MLflow run of the main process (the one given a client); every other records into nothing."""
+    if client is None:
+        yield Silent()
+        return
+    with tracked_run(client, experiment, name, tags, resume) as tracker:
+        yield tracker
+
+
+def log_config(tracker: Tracker | Silent, cfg: DictConfig, data: Any, output_dir: Path) -> None:
+    """The config as run, plus what the data turned out to be (sizes, classes of ``data``'s splits)."""
+    sizes = {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes}
+    tracker.params({**flatten(cfg), **flatten(sizes, "data.")})
+    tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
+    if data.classes:
+        tracker.text("\n".join(data.classes) + "\n", "data/classes.txt")
+    if (output_dir / ".hydra").is_dir():
+        tracker.artifacts(output_dir / ".hydra", "config/hydra")
+
+
+def newest_finished_run(
+    client: MlflowClient, experiment: str, tag: str, value: str
+) -> tuple[str, dict[str, str]] | None:
+    """(run id, tags) of the newest FINISHED run in ``experiment`` whose ``tag`` is ``value``."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    return (runs[0].info.run_id, runs[0].data.tags) if runs else None
+
+
 def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str) -> None:
     """A FAILED run for a sweep job that stopped before its run started, so the sweep reports it."""
     client = open_store(uri)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
-from clrx.session import prepare
 from clrx.tracking.store import Silent
-from clrx.train import find_range
+from clrx.training.loop import find_range
+from clrx.training.session import prepare
 
 
 def main(out: Path) -> None:

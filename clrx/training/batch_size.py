@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import default_collate
 
-from clrx.checkpoint import rng_state, set_rng_state
 from clrx.data.splits import Splits
 from clrx.errors import ConfigError
+from clrx.training.checkpoint import rng_state, set_rng_state
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
 log = logging.getLogger("clrx")

@@ -23,14 +23,14 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from clrx.batch_size import find_batch_size
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import check_trainer
 from clrx.data.splits import Splits, build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
-from clrx.recorder import Recorder
+from clrx.training.batch_size import find_batch_size
+from clrx.training.recorder import Recorder
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger("clrx")

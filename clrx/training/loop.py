@@ -1,0 +1,217 @@
+"""The loops a run takes: training (``fit``) and the tracked LR range test (``find_range``).
+
+Before every optimizer step the policy's values go into the optimizer; the step counter counts
+optimizer steps, so a schedule is the same on any number of processes and with any accumulation.
+Per-step values go through the recorder to the tracker; checkpoints hold everything needed to
+continue exactly. What to run, resuming and automatic bounds are decided above, in ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from clrx.errors import ConfigError
+from clrx.range_test.curve import Curve
+from clrx.range_test.figure import range_figure
+from clrx.range_test.run import batch_accuracy, run_range_test
+from clrx.range_test.suggest import Suggestion, suggest
+from clrx.schedules.apply import applied_momentum
+from clrx.schedules.policies import Hyper, LRRange, Policy
+from clrx.tracking.plots import schedule_figure
+from clrx.tracking.store import Tracker
+from clrx.training import checkpoint
+from clrx.training.recorder import Recorder
+from clrx.training.session import Batch, Session
+
+
+@dataclass(frozen=True)
+class Result:
+    run_id: str
+    tracking_uri: str
+    experiment: str
+    steps: int
+    seconds: float
+    val_loss: float | None = None
+    val_acc: float | None = None
+    best_val_acc: float | None = None
+    suggestions: dict[str, Suggestion] | None = None
+
+
+def progress_bar(session: Session, total: int) -> tqdm:
+    quiet = not session.cfg.trainer.progress or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    quiet = quiet or not session.accelerator.is_main_process
+    return tqdm(total=total, unit="step", disable=quiet, dynamic_ncols=True)
+
+
+@dataclass
+class Progress:
+    """Where a training run stands: all a checkpoint needs besides weights and generators."""
+
+    step: int = 0
+    best: float = 0.0
+    scores: dict[str, float] | None = None
+    skipped: int = 0  # optimizer steps the fp16 loss scaler skipped
+    seconds: float = 0.0
+
+
+def _write_checkpoint(
+    session: Session, progress: Progress, recorder: Recorder, tracker: Tracker, output_dir: Path, node: DictConfig
+) -> None:
+    """Everything to continue this run exactly, once its metrics so far are safely in the store."""
+    keep = session.cfg.trainer.keep_last
+    if not keep:
+        return
+    recorder.drain()
+    tracker.sync()  # a resumed run continues right after the last point the store holds
+    generators = gather_object([checkpoint.rng_state()])  # every process's own
+    if session.accelerator.is_main_process:
+        payload = {
+            **session.state(),
+            **progress.__dict__,
+            "rng": generators,
+            "record": recorder.state(),
+            "run_id": tracker.run_id,
+            "config": OmegaConf.to_container(session.cfg, resolve=True),
+            "policy": OmegaConf.to_container(node, resolve=True),
+        }
+        checkpoint.save(payload, checkpoint.path_for(output_dir / checkpoint.DIRECTORY, progress.step), keep)
+
+
+def fit(
+    session: Session,
+    policy: Policy,
+    tracker: Tracker,
+    output_dir: Path,
+    node: DictConfig,
+    resumed: Mapping[str, Any] | None = None,
+) -> Result:
+    """Train for ``trainer.epochs`` (from a checkpoint's position, if given), logging every step."""
+    cfg, trainer, accelerator = session.cfg, session.cfg.trainer, session.accelerator
+    per_epoch = session.steps_per_epoch
+    progress = Progress()
+    bar = progress_bar(session, session.total_steps)
+    recorder = Recorder(
+        tracker,
+        session.momentum,
+        trainer.log_every,
+        reduce=session.reduce_mean,
+        on_drain=lambda n, lr, loss: (bar.update(n), bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.4f}")),
+    )
+    if resumed is not None:
+        progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__})
+        session.load_state(resumed)
+        checkpoint.set_rng_state(resumed["rng"][accelerator.process_index % len(resumed["rng"])])
+        recorder.load(resumed["record"])
+        bar.update(progress.step)
+
+    def save() -> None:
+        progress.seconds = time.perf_counter() - start
+        _write_checkpoint(session, progress, recorder, tracker, output_dir, node)
+
+    start = time.perf_counter() - progress.seconds
+    session.model.train()
+    for epoch in range(progress.step // per_epoch, trainer.epochs):
+        for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
+            session.policy_step(policy, progress.step, micro, recorder)
+            progress.step += 1
+            # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
+            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+                progress.skipped += 1
+                tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
+            if trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and progress.step % per_epoch:
+                save()
+        recorder.drain()
+        if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
+            progress.scores = session.evaluate()
+            progress.best = max(progress.best, progress.scores["val_acc"])
+            epoch_loss = recorder.epoch_loss(per_epoch)
+            tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
+        if accelerator.scaler is not None:
+            amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
+            tracker.metrics(amp, progress.step)
+        save()
+    bar.close()
+    progress.seconds = time.perf_counter() - start
+    totals = {"best_val_acc": progress.best, "train_seconds": progress.seconds, "steps": progress.step}
+    tracker.metrics(totals, progress.step)
+    figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
+    tracker.figure(figure, "plots/schedule.png")
+    if trainer.save_model and accelerator.is_main_process:
+        checkpoint.write_atomically(session.plain_model.state_dict(), output_dir / "model.pt")
+        tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
+    return Result(
+        run_id=tracker.run_id,
+        tracking_uri=tracker.uri,
+        experiment=cfg.tracking.experiment,
+        steps=progress.step,
+        seconds=progress.seconds,
+        val_loss=progress.scores["val_loss"],
+        val_acc=progress.scores["val_acc"],
+        best_val_acc=progress.best,
+    )
+
+
+def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: Path, group: str) -> Result:
+    """The LR range test as a tracked run: per-step curve, suggestions, plot and CSV."""
+    bar = progress_bar(session, policy.num_iter)
+
+    def train_step(micro: list[Batch]) -> tuple[float, float | None]:
+        loss, outputs = session.step(micro)
+        logits, labels = (torch.cat(parts) for parts in zip(*outputs, strict=True))
+        # Every process decides on the same numbers: the loss and accuracy averaged over ranks.
+        accuracy = torch.tensor(batch_accuracy(logits, labels), device=loss.device)
+        loss, accuracy = session.reduce_mean(torch.stack([loss.float(), accuracy])).tolist()
+        return loss, accuracy
+
+    def on_step(step: int, hyper: Hyper, curve: Curve) -> None:
+        values = {"lr": hyper.lr, "train_loss": curve.losses[-1], "smoothed_loss": curve.smoothed[-1]}
+        if session.momentum is not None:
+            values[session.momentum] = applied_momentum(session.optimizer)
+        if curve.accuracy[-1] is not None:
+            values["batch_acc"] = curve.accuracy[-1]
+        if step in curve.val_accuracy:
+            values["val_acc"] = curve.val_accuracy[step]
+        tracker.metrics({k: v for k, v in values.items() if np.isfinite(v)}, step)
+        bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        curve = run_range_test(
+            policy,
+            session.optimizer,
+            session.batches(),
+            train_step,
+            evaluate=lambda: session.evaluate()["val_acc"],
+            on_step=on_step,
+        )
+    except ConfigError as error:
+        raise error.within(group) from None
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    suggestions = suggest(curve)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curve.write_csv(output_dir / "range_test.csv")
+    tracker.artifact(output_dir / "range_test.csv")
+    tracker.figure(range_figure(curve, suggestions), "plots/range_test.png")
+    tags = {"clrx.range_test.stop": curve.stop_reason or f"completed {policy.num_iter} steps"}
+    for rule, suggestion in suggestions.items():
+        tags[f"clrx.suggest.{rule}"] = json.dumps(
+            {"base_lr": suggestion.base_lr, "max_lr": suggestion.max_lr, "why": suggestion.why}
+        )
+    tracker.tags(tags)
+    return Result(
+        tracker.run_id, tracker.uri, session.cfg.tracking.experiment, len(curve.lrs), seconds, suggestions=suggestions
+    )

@@ -1,0 +1,132 @@
+"""One command's run: resume checks, the dry run, automatic bounds, then the tracked run.
+
+``train(cfg, output_dir)`` is what ``python -m clrx`` calls: it builds the session, decides what
+to run (training, the range test, or only a preview of the schedule) and opens the MLflow run the
+loop writes into. The loop itself is ``clrx.training.loop``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from clrx.config.build import build_policy
+from clrx.config.schema import check_trainer
+from clrx.errors import ConfigError
+from clrx.schedules.apply import applied_momentum
+from clrx.schedules.policies import Hyper, LRRange, Policy
+from clrx.tracking.plots import schedule_figure
+from clrx.tracking.store import default_uri, flatten, log_config, main_run, open_store
+from clrx.training import checkpoint
+from clrx.training.auto import auto_keys, resolve_auto
+from clrx.training.loop import Result, find_range, fit
+from clrx.training.session import Session, prepare
+
+# Settings a resumed run may change: where and how it reports, not what it computes.
+RESUMABLE_CHANGES = (
+    "tracking.",
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_last",
+    "trainer.save_model",
+    "trainer.device",
+    "trainer.max_batch_size",
+)
+log = logging.getLogger("clrx")
+
+
+def _check_momentum(session: Session, policy: Policy, group: str) -> None:
+    if session.momentum is None and policy(0).momentum is not None:
+        raise ConfigError(
+            f"{group}.max_momentum",
+            f"{type(session.torch_optimizer).__name__} has no momentum or betas "
+            f"to cycle; set {group}.base_momentum and "
+            f"{group}.max_momentum (or {group}.momentum) to null",
+        )
+
+
+def _check_unchanged(cfg: DictConfig, saved: Mapping[str, Any], path: Path) -> None:
+    """Refuse to resume under a config that would compute something else than the checkpoint's run."""
+    now, then = flatten(cfg), flatten(saved)
+    differ = {key for key in now.keys() | then.keys() if now.get(key) != then.get(key)}
+    changed = sorted(key for key in differ if not key.startswith(RESUMABLE_CHANGES))
+    if changed and not cfg.trainer.resume_changed:
+        differences = ", ".join(f"{key} ({then.get(key, '-')} -> {now.get(key, '-')})" for key in changed)
+        raise ConfigError(
+            "trainer.resume",
+            f"the config differs from checkpoint {path}'s in {differences}; "
+            "use the same values, or add trainer.resume_changed=true to resume anyway",
+        )
+
+
+def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
+    """Print and plot the LR and momentum a run would apply, without training; the plot's path."""
+    steps = list(range(session.total_steps))
+    kept = applied_momentum(session.optimizer)  # what a step applies where the policy sets no momentum
+    hypers = [Hyper(h.lr, kept if h.momentum is None else h.momentum) for h in map(policy, steps)]
+    name = session.momentum or "momentum"
+    log.info("dry run: %d steps (%d per epoch); the schedule:", session.total_steps, session.steps_per_epoch)
+    for step in sorted({*range(0, session.total_steps, max(1, session.total_steps // 10)), steps[-1]}):
+        momentum = "-" if hypers[step].momentum is None else f"{hypers[step].momentum:.4g}"
+        log.info(
+            "  step %6d  epoch %6.2f  lr %.4g  %s %s",
+            step,
+            step / session.steps_per_epoch,
+            hypers[step].lr,
+            name,
+            momentum,
+        )
+    figure = schedule_figure(steps, [h.lr for h in hypers], [h.momentum for h in hypers], None, session.momentum)
+    figure.savefig(output_dir / "schedule_preview.png")
+    return output_dir / "schedule_preview.png"
+
+
+def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None) -> Result | None:
+    """Build everything ``cfg`` describes, check it, then train (or range-test) one MLflow run.
+
+    With ``trainer.resume`` a run continues from a checkpoint, in the same MLflow run. With
+    ``trainer.dry_run`` only the schedule is shown (and None returned).
+    """
+    check_trainer(cfg.trainer)
+    resumed = checkpoint.find(cfg.trainer.resume, output_dir)
+    if resumed is not None:
+        path, saved = resumed
+        if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
+            cfg.trainer.batch_size = saved["config"]["trainer"]["batch_size"]
+        _check_unchanged(cfg, saved["config"], path)
+    session = prepare(cfg, search_batch=resumed is None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.dry_run:
+        if auto_keys(cfg.policy):
+            raise ConfigError("trainer.dry_run", "auto bounds come from a range test; run policy=range_test first")
+        policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
+        _check_momentum(session, policy, "policy")
+        log.info("schedule plot: %s", preview(session, policy, output_dir))
+        return None
+    main = session.accelerator.is_main_process
+    client = open_store(cfg.tracking.uri or default_uri()) if main else None
+    run_tags = {"mlflow.source.name": "clrx", "clrx.output_dir": str(output_dir), **(tags or {})}
+    if resumed is not None and OmegaConf.to_container(cfg.policy, resolve=True) == saved["config"]["policy"]:
+        node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
+    else:
+        node = resolve_auto(session, client, output_dir, run_tags)
+    policy = build_policy(node, session.steps_per_epoch, session.total_steps)
+    _check_momentum(session, policy, "policy")
+    if resumed is not None:
+        run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
+        log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])
+    resume_id = None if resumed is None else saved["run_id"]
+    with main_run(client, cfg.tracking.experiment, cfg.tracking.run_name, run_tags, resume_id) as tracker:
+        if resumed is None:
+            log_config(tracker, cfg, session.data, output_dir)
+        if isinstance(policy, LRRange):
+            return find_range(session, policy, tracker, output_dir, "policy")
+        if node is not cfg.policy:
+            tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
+        return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)
