@@ -80,7 +80,9 @@ def app(cfg: DictConfig) -> float | None:
         )
     log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
     log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
-    return result.val_acc if result.suggestions is None else result.suggestions[cfg.policy.rule].max_lr
+    if result.suggestions is None:
+        return result.val_acc
+    return result.suggestions[cfg.policy.rule].max_lr if cfg.policy.rule in result.suggestions else None
 
 
 def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -96,10 +98,17 @@ def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
 
 
 def _report_range_test(result: Result, node: DictConfig) -> None:
-    log.info("range test: %d steps in %.1fs; suggestions:", result.steps, result.seconds)
+    log.info("range test: %d steps in %.1fs", result.steps, result.seconds)
+    log.info("range test ended: %s", result.stop_reason)
+    log.info("suggestions:")
     for rule, suggestion in result.suggestions.items():
         base = "" if suggestion.base_lr is None else f"base_lr {suggestion.base_lr:.3g}, "
         log.info("  %-10s %smax_lr %.3g  (%s)", rule, base, suggestion.max_lr, suggestion.why)
+    for rule, why in result.no_suggestion.items():
+        log.info("  %-10s none: %s", rule, why)
+    if node.rule not in result.suggestions:
+        log.info("by rule %s: no bounds (%s)", node.rule, result.no_suggestion[node.rule])
+        return
     base_lr, max_lr = bounds(result.suggestions, node.rule, node.div)
     log.info("by rule %s: policy.base_lr=%.3g policy.max_lr=%.3g", node.rule, base_lr, max_lr)
 

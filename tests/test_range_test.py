@@ -2,10 +2,12 @@
 
 import copy
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import torch
@@ -14,10 +16,11 @@ from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.range_test.curve import Curve
 from clrx.range_test.run import lr_range_test
-from clrx.range_test.suggest import bounds, suggest
+from clrx.range_test.suggest import Suggestion, bounds, read, suggest
 from clrx.schedules.policies import LRRange
 from clrx.training.auto import auto_bounds, range_test_key
 from clrx.training.checkpoint import rng_state
+from clrx.training.loop import suggestion_tags
 from clrx.training.run import train
 from clrx.training.session import prepare
 from tests.conftest import ROOT, main_in_process
@@ -90,12 +93,33 @@ def _tags(store, run_id):
     return store[1].get_run(run_id).data.tags
 
 
+def test_a_rule_without_enough_points_says_why():
+    """Loss lowest at step 15 of 51, validation every 10 steps: one validation point to read from."""
+    curve = Curve("linear", beta=0.0, stop_factor=100.0)
+    for step in range(51):
+        curve.add(0.01 * (step + 1), 2.0 - 0.1 * step if step <= 15 else 0.5 + 0.1 * (step - 15), 0.5)
+        if (step + 1) % 10 == 0:
+            curve.val_accuracy[step] = 0.5
+    suggestions, no_suggestion = read(curve, "policy.")
+    assert sorted(suggestions) == ["minimum/10", "steepest", "valley"]
+    assert no_suggestion == {
+        "paper": "needs >= 2 validation accuracy points from step 5 to the loss minimum at step 15, got 1; "
+        "raise policy.num_iter or lower policy.val_every"
+    }
+    assert suggest(curve) == suggestions
+    curve.accuracy = [None] * 51
+    curve.val_accuracy = {}
+    assert read(curve)[1]["paper"].startswith("needs an accuracy curve")
+
+
 def test_cli_range_test_logs_curve_plot_csv_and_suggestions(tmp_path, store, monkeypatch, capsys):
+    """Wherever the loss diverges, every rule leaves its bounds or why it has none, in tags and log."""
     uri, client = store
     status, _ = main_in_process(
         "policy=range_test",
         "policy.num_iter=60",
         "policy.val_every=10",
+        "trainer.device=cpu",
         f"tracking.uri={uri}",
         f"hydra.run.dir={tmp_path}/run",
         monkeypatch=monkeypatch,
@@ -106,17 +130,46 @@ def test_cli_range_test_logs_curve_plot_csv_and_suggestions(tmp_path, store, mon
     steps = [m.step for m in sorted(client.get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
     assert steps == list(range(len(steps))) and 5 <= len(steps) <= 60
     assert len(client.get_metric_history(run.info.run_id, "smoothed_loss")) == len(steps)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == list(range(9, len(steps), 10))
+    tags = run.data.tags
+    stopped = tags["clrx.range_test.stop"] != "completed 60 steps"
+    assert stopped == (len(steps) < 60)
+    validated = [s for s in range(9, len(steps), 10) if not (stopped and s == len(steps) - 1)]  # none at the stop
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == validated
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"range_test.csv", "plots/range_test.png"} <= artifacts
-    tags = run.data.tags
-    for rule in ("paper", "steepest", "minimum/10", "valley"):
-        suggestion = json.loads(tags[f"clrx.suggest.{rule}"])
-        assert 0 < suggestion["max_lr"] < 10
-    paper = json.loads(tags["clrx.suggest.paper"])
-    assert paper["base_lr"] < paper["max_lr"]
-    assert "by rule minimum/10: policy.base_lr=" in (tmp_path / "run" / "__main__.log").read_text()
+    log = (tmp_path / "run" / "__main__.log").read_text()
+    assert f"range test ended: {tags['clrx.range_test.stop']}\n" in log
+    for rule in ("steepest", "minimum/10", "valley"):  # the loss-based rules always read something
+        assert 0 < json.loads(tags[f"clrx.suggest.{rule}"])["max_lr"] < 10
+    if "clrx.suggest.paper" in tags:
+        paper = json.loads(tags["clrx.suggest.paper"])
+        assert paper["base_lr"] < paper["max_lr"] and "clrx.no_suggestion.paper" not in tags
+    else:
+        why = tags["clrx.no_suggestion.paper"]
+        assert why.startswith("needs >= 2 validation accuracy points") and f"paper      none: {why}\n" in log
+    assert "by rule minimum/10: policy.base_lr=" in log
+
+
+def test_reused_range_test_is_announced_and_a_rule_without_bounds_says_why(tmp_path, store, caplog):
+    uri, client = store
+    cfg = compose_run("policy.max_lr=auto", "range_test.rule=paper", "trainer.device=cpu", f"tracking.uri={uri}")
+    session = prepare(cfg)
+    key = range_test_key(cfg, session.total_steps)
+    why = "needs >= 2 validation accuracy points from step 5 to the loss minimum at step 15, got 1"
+    earlier = client.create_run(
+        client.create_experiment("clrx"),
+        tags={
+            "clrx.range_test_key": key,
+            **suggestion_tags({"minimum/10": Suggestion("minimum/10", 0.1)}, {"paper": why}),
+        },
+    )
+    client.set_terminated(earlier.info.run_id, "FINISHED")
+    started = datetime.fromtimestamp(earlier.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    with caplog.at_level(logging.INFO, "clrx"), pytest.raises(ConfigError) as raised:
+        auto_bounds(session, client, tmp_path, {})
+    assert str(raised.value) == f"range_test.rule: 'paper' gave no suggestion here ({why}); choose one of: minimum/10"
+    assert f"reusing range test {earlier.info.run_id} from {started}" in caplog.messages
 
 
 def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store):

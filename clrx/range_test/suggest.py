@@ -35,20 +35,25 @@ def smoothed_accuracy(curve: Curve) -> tuple[list[int], list[float]] | None:
     return list(range(len(curve.accuracy))), [smooth(a) for a in curve.accuracy]
 
 
-def _paper(curve: Curve, usable: range) -> Suggestion | None:
+def _paper(curve: Curve, usable: range, group: str) -> Suggestion | str:
     """Smith's reading of the accuracy curve: base where it starts to rise, max where the rise slows.
 
     "Starts" is 10% and "slows" 90% of the total rise up to the best accuracy. Without accuracy
-    there is nothing to read: a loss keeps falling until the LR is already past divergence.
+    there is nothing to read (a loss keeps falling until the LR is already past divergence): then
+    the reason, as a string.
     """
     accuracy = smoothed_accuracy(curve)
     if accuracy is None:
-        return None
+        return "needs an accuracy curve; the outputs were not class scores for integer labels"
     steps, values = accuracy
     pairs = [(s, v) for s, v in zip(steps, values, strict=True) if usable.start <= s < usable.stop]
-    if len(pairs) < 2:
-        return None
     what = "validation accuracy" if len(curve.val_accuracy) >= 3 else "smoothed batch accuracy"
+    if len(pairs) < 2:
+        fix = f"lower {group}val_every" if what.startswith("validation") else f"lower {group}min_lr"
+        return (
+            f"needs >= 2 {what} points from step {usable.start} to the loss minimum at step {usable.stop - 1}, "
+            f"got {len(pairs)}; raise {group}num_iter or {fix}"
+        )
     best = max(range(len(pairs)), key=lambda i: pairs[i][1])
     start, rise = pairs[0][1], pairs[best][1] - pairs[0][1]
 
@@ -78,10 +83,15 @@ def _valley(smoothed: list[float], usable: range) -> int:
 
 
 def suggest(curve: Curve) -> dict[str, Suggestion]:
-    """Every rule's suggestion; the noisy first 10% of the points and the divergence are ignored.
+    """Every rule's suggestion; the noisy first 10% of the points and the divergence are ignored."""
+    return read(curve)[0]
 
-    ``paper`` (accuracy-based) needs an accuracy curve; the loss-based ``steepest``,
-    ``minimum/10`` and ``valley`` need only the loss.
+
+def read(curve: Curve, group: str = "") -> tuple[dict[str, Suggestion], dict[str, str]]:
+    """(each rule's suggestion, why each other rule gave none); ``group`` (``policy.``) prefixes settings named.
+
+    ``paper`` (accuracy-based) needs an accuracy curve with at least two points before the loss's
+    minimum; the loss-based ``steepest``, ``minimum/10`` and ``valley`` need only the loss.
     """
     count = len(curve.smoothed)
     skip = int(count * SKIP_START) if count >= 10 else 0
@@ -94,14 +104,17 @@ def suggest(curve: Curve) -> dict[str, Suggestion]:
     }
     steep = min(slopes, key=slopes.get) if slopes else lowest
     found = {
-        "paper": _paper(curve, usable),
+        "paper": _paper(curve, usable, group),
         "steepest": Suggestion("steepest", curve.lrs[steep], why="fastest fall of the smoothed loss"),
         "minimum/10": Suggestion(
             "minimum/10", curve.lrs[lowest] / 10, why=f"a tenth of the lowest loss's lr {curve.lrs[lowest]:.3g}"
         ),
         "valley": Suggestion("valley", curve.lrs[_valley(curve.smoothed, usable)], why="fastai's valley"),
     }
-    return {rule: suggestion for rule, suggestion in found.items() if suggestion is not None}
+    return (
+        {rule: given for rule, given in found.items() if isinstance(given, Suggestion)},
+        {rule: why for rule, why in found.items() if isinstance(why, str)},
+    )
 
 
 def bounds(suggestions: dict[str, Suggestion], rule: str, div: float, scale: float = 1.0) -> tuple[float, float]:

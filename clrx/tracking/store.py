@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +316,8 @@ def log_config(tracker: Tracker | Silent, cfg: DictConfig, data: Any, output_dir
 
 def newest_finished_run(
     client: MlflowClient, experiment: str, tag: str, value: str
-) -> tuple[str, dict[str, str]] | None:
-    """(run id, tags) of the newest FINISHED run in ``experiment`` whose ``tag`` is ``value``."""
+) -> tuple[str, dict[str, str], datetime] | None:
+    """(run id, tags, start time) of the newest FINISHED run in ``experiment`` whose ``tag`` is ``value``."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -326,7 +327,10 @@ def newest_finished_run(
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
-    return (runs[0].info.run_id, runs[0].data.tags) if runs else None
+    if not runs:
+        return None
+    started = datetime.fromtimestamp(runs[0].info.start_time / 1000)
+    return runs[0].info.run_id, runs[0].data.tags, started
 
 
 def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str) -> None:

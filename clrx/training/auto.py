@@ -70,18 +70,22 @@ def range_test_key(cfg: DictConfig, num_iter: int) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_suggestions(client: MlflowClient, experiment: str, key: str) -> tuple[str, dict[str, Suggestion]] | None:
-    """The suggestions of the newest finished range test keyed ``key``, with its run id."""
+def cached_suggestions(
+    client: MlflowClient, experiment: str, key: str
+) -> tuple[str, dict[str, Suggestion], dict[str, str]] | None:
+    """(run id, suggestions, why other rules gave none) of the newest finished range test keyed ``key``."""
     found = newest_finished_run(client, experiment, "clrx.range_test_key", key)
     if found is None:
         return None
-    run_id, tags = found
-    prefix = "clrx.suggest."
-    return run_id, {
+    run_id, tags, started = found
+    log.info("reusing range test %s from %s", run_id, started.strftime("%Y-%m-%d %H:%M:%S"))
+    prefix, none = "clrx.suggest.", "clrx.no_suggestion."
+    suggestions = {
         name[len(prefix) :]: Suggestion(name[len(prefix) :], **json.loads(value))
         for name, value in tags.items()
         if name.startswith(prefix)
     }
+    return run_id, suggestions, {name[len(none) :]: why for name, why in tags.items() if name.startswith(none)}
 
 
 def auto_bounds(
@@ -107,11 +111,13 @@ def auto_bounds(
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
         session.load_state(saved[0])
         checkpoint.set_rng_state(saved[1])
-        cached = result.run_id, result.suggestions
-    run_id, suggestions = cached
+        cached = result.run_id, result.suggestions, result.no_suggestion
+    run_id, suggestions, no_suggestion = cached
     if policy.rule not in suggestions:
+        why = no_suggestion.get(policy.rule, "no reason recorded")
         raise ConfigError(
-            "range_test.rule", f"{policy.rule!r} gave no suggestion here; choose one of: {', '.join(suggestions)}"
+            "range_test.rule",
+            f"{policy.rule!r} gave no suggestion here ({why}); choose one of: {', '.join(suggestions)}",
         )
     base_lr, max_lr = bounds(suggestions, policy.rule, policy.div, policy.scale)
     return {"base_lr": base_lr, "max_lr": max_lr}, policy.rule, run_id

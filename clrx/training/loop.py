@@ -26,7 +26,7 @@ from clrx.errors import ConfigError
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
-from clrx.range_test.suggest import Suggestion, suggest
+from clrx.range_test.suggest import Suggestion, read
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.plots import schedule_figure
@@ -47,6 +47,8 @@ class Result:
     val_acc: float | None = None
     best_val_acc: float | None = None
     suggestions: dict[str, Suggestion] | None = None
+    no_suggestion: dict[str, str] | None = None  # range test: why a rule gave nothing
+    stop_reason: str | None = None  # range test: why it ended
 
 
 def progress_bar(session: Session, total: int) -> tqdm:
@@ -201,17 +203,29 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    suggestions = suggest(curve)
+    suggestions, no_suggestion = read(curve, f"{group}.")
     output_dir.mkdir(parents=True, exist_ok=True)
     curve.write_csv(output_dir / "range_test.csv")
     tracker.artifact(output_dir / "range_test.csv")
     tracker.figure(range_figure(curve, suggestions), "plots/range_test.png")
-    tags = {"clrx.range_test.stop": curve.stop_reason or f"completed {policy.num_iter} steps"}
-    for rule, suggestion in suggestions.items():
-        tags[f"clrx.suggest.{rule}"] = json.dumps(
-            {"base_lr": suggestion.base_lr, "max_lr": suggestion.max_lr, "why": suggestion.why}
-        )
-    tracker.tags(tags)
+    stop_reason = curve.stop_reason or f"completed {policy.num_iter} steps"
+    tracker.tags({"clrx.range_test.stop": stop_reason, **suggestion_tags(suggestions, no_suggestion)})
     return Result(
-        tracker.run_id, tracker.uri, session.cfg.tracking.experiment, len(curve.lrs), seconds, suggestions=suggestions
+        tracker.run_id,
+        tracker.uri,
+        session.cfg.tracking.experiment,
+        len(curve.lrs),
+        seconds,
+        suggestions=suggestions,
+        no_suggestion=no_suggestion,
+        stop_reason=stop_reason,
     )
+
+
+def suggestion_tags(suggestions: dict[str, Suggestion], no_suggestion: dict[str, str]) -> dict[str, str]:
+    """``clrx.suggest.<rule>``: a rule's bounds as JSON; ``clrx.no_suggestion.<rule>``: why it gave none."""
+    tags = {
+        f"clrx.suggest.{rule}": json.dumps({"base_lr": s.base_lr, "max_lr": s.max_lr, "why": s.why})
+        for rule, s in suggestions.items()
+    }
+    return tags | {f"clrx.no_suggestion.{rule}": why for rule, why in no_suggestion.items()}
