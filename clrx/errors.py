@@ -43,8 +43,11 @@ USER_ERRORS = (HydraException, OmegaConfBaseException, ClrxError)
 
 def one_line(error: BaseException) -> str:
     """The useful part of a clrx, Hydra or OmegaConf error, on one line."""
-    if isinstance(error, ClrxError):
-        return str(error)
+    reason: BaseException | None = error
+    while reason is not None and not isinstance(reason, ClrxError):  # one raised while resolving the config
+        reason = reason.__cause__ or reason.__context__
+    if reason is not None:
+        return str(reason)
     if isinstance(error, MissingConfigException) and error.options is not None:
         group, _, choice = (error.missing_cfg_file or "").rpartition("/")
         return f"{group}={choice} is not available; choose one of: {', '.join(sorted(error.options))}"

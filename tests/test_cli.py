@@ -1,13 +1,16 @@
 """The real command line, end to end, checked through MLflow's own client."""
 
 import importlib
+import os
 
 import pytest
+import torch
 from mlflow.entities import ViewType
 
 from clrx.config.schema import compose_run
 from clrx.schedules.policies import OneCycle
 from clrx.training.run import train
+from clrx.training.session import accelerator_for
 from tests.conftest import main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1437 training images, drop_last batches of 64
@@ -47,12 +50,34 @@ def test_one_cycle_run_logs_every_step_and_the_config(tmp_path, store):
     assert (tmp_path / "run" / "model.pt").stat().st_size > 0
 
 
-def test_same_command_twice_gives_the_same_losses(tmp_path, store):
+def _losses_of_two_runs(tmp_path, store, *overrides):
     uri, client = store
-    cfg = compose_run("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}")
+    cfg = compose_run("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}", *overrides)
     runs = [train(cfg, tmp_path / str(i)).run_id for i in range(2)]
-    first, second = ([m.value for m in _history(client, run, "train_loss")] for run in runs)
+    return [[m.value for m in _history(client, run, "train_loss")] for run in runs]
+
+
+def test_same_command_twice_gives_the_same_losses(tmp_path, store):
+    first, second = _losses_of_two_runs(tmp_path, store, "trainer.device=cpu")
     assert len(first) == STEPS_PER_EPOCH and first == second
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_deterministic_gives_the_same_losses_on_a_gpu(tmp_path, store):
+    first, second = _losses_of_two_runs(tmp_path, store, "trainer.device=cuda", "trainer.deterministic=true")
+    assert len(first) == STEPS_PER_EPOCH and first == second
+
+
+def test_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored (unset) after the test
+    try:
+        accelerator_for(compose_run("trainer.device=cpu", "trainer.deterministic=true").trainer)
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    finally:
+        accelerator_for(compose_run("trainer.device=cpu").trainer)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
 def test_adam_cycles_beta1(tmp_path, store):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clrx.config.build import build_optimizer
-from clrx.config.schema import compose_run
+from clrx.config.schema import check_gpus, compose_run
 from clrx.data.datasets import digits
 from clrx.errors import ConfigError
 from clrx.training.batch_size import find_batch_size, largest
@@ -18,7 +18,10 @@ from tests.conftest import ROOT
 
 PER_EPOCH = 1437 // 64
 VAL_IMAGES = 360
-COMMON = ("trainer.epochs=2", "trainer.save_model=false", "trainer.progress=false")
+# What is compared here (processes, accumulation, bf16 autocast) is CPU behaviour: pinned to the CPU.
+COMMON = ("trainer.epochs=2", "trainer.save_model=false", "trainer.progress=false", "trainer.device=cpu")
+ON_GPU = (*COMMON[:-1], "trainer.device=cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Layer norm treats each image alone, so splitting a batch changes only the order of float sums:
 # runs on 1 or 2 processes, with or without accumulation, must then agree step by step.
 PER_SAMPLE = ("model.name=test_efficientnet_ln", "policy.base_lr=0.005", "policy.max_lr=0.05")
@@ -34,7 +37,7 @@ def _single(tmp_path, uri, *overrides):
 
 def test_two_processes_follow_the_single_process_schedule_in_one_run_and_directory(tmp_path, store):
     uri, client = store
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}  # no GPU here: "auto" is the CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true", "ACCELERATE_USE_CPU": "1"}  # gloo, also beside GPUs
     env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     done = subprocess.run(
@@ -146,17 +149,42 @@ def test_a_multi_gpu_slurm_job_composes():
     assert launcher.tasks_per_node == launcher.gpus_per_node == 4 and launcher.nodes == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling needs a CUDA device")
+@needs_cuda
 def test_fp16_skipped_steps_are_logged_and_the_schedule_still_advances(tmp_path, store):
     uri, client = store
     # An lr far too high overflows fp16 gradients: the scaler skips steps and halves its scale.
-    cfg = compose_run(*COMMON, "trainer.epochs=1", "trainer.precision=fp16", f"tracking.uri={uri}")
+    cfg = compose_run(*ON_GPU, "trainer.epochs=1", "trainer.precision=fp16", f"tracking.uri={uri}")
     result = train(cfg, tmp_path)
     lrs = _points(client, result.run_id, "lr")
     assert [s for s, _ in lrs] == list(range(PER_EPOCH))  # one point per step, skipped or not
     skipped = client.get_metric_history(result.run_id, "amp/skipped_steps")
     assert skipped and skipped[-1].value == len(client.get_metric_history(result.run_id, "amp/skipped_step"))
     assert client.get_metric_history(result.run_id, "amp/loss_scale")
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", [(), ("trainer.channels_last=true",)], ids=["default", "channels_last"])
+def test_bf16_on_the_gpu_keeps_the_schedule_and_learns(tmp_path, store, layout):
+    uri, client = store
+    single = _single(tmp_path, uri, *PER_SAMPLE)
+    gpu = train(
+        compose_run(*ON_GPU, *PER_SAMPLE, *layout, "trainer.precision=bf16", f"tracking.uri={uri}"), tmp_path / "gpu"
+    )
+    assert client.get_run(gpu.run_id).data.tags["clrx.device"].startswith("cuda")
+    assert _points(client, gpu.run_id, "lr") == _points(client, single, "lr")
+    assert gpu.val_acc > 0.8
+
+
+def test_more_processes_than_gpus_is_refused_in_one_line():
+    check_gpus(1, 1)
+    check_gpus(8, 8)
+    check_gpus(4, 0)  # no GPU: the processes run on the CPU
+    with pytest.raises(ConfigError) as refused:
+        check_gpus(2, 1)
+    assert str(refused.value) == (
+        "trainer.device: 2 processes on this machine but only 1 CUDA device; launch at most 1 "
+        "(torchrun --nproc_per_node 1), or run on the CPU with ACCELERATE_USE_CPU=1 and trainer.device=cpu"
+    )
 
 
 def test_slurm_tasks_become_torch_processes():

@@ -175,7 +175,8 @@ def test_reused_range_test_is_announced_and_a_rule_without_bounds_says_why(tmp_p
 def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store):
     """max_lr=auto trains exactly as a run with the range test's bounds typed in; the test is cached."""
     uri, client = store
-    common = ["trainer.epochs=4", "trainer.progress=false", "trainer.save_model=false", f"tracking.uri={uri}"]
+    common = ["trainer.epochs=4", "trainer.progress=false", "trainer.save_model=false", "trainer.device=cpu"]
+    common.append(f"tracking.uri={uri}")
     cfg = compose_run("policy.base_lr=auto", "policy.max_lr=auto", *common)
 
     session = prepare(cfg)

@@ -44,6 +44,7 @@ class TrainerConfig:
     log_every: int = 10  # optimizer steps between reads of the loss (one device sync each)
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = False  # deterministic kernels (GPU: slower); the same command gives the same losses
     precision: str = "no"
     channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model (inductor); pays off on GPUs, slow to start on CPU
@@ -87,6 +88,25 @@ def main_process() -> bool:
 _launched: list[datetime] = []  # the start time a multi-process launch agreed on
 
 
+def check_gpus(processes: int, gpus: int) -> None:
+    """Refuse a launch of more processes on a machine than it has GPUs, which NCCL would fail deep inside."""
+    if gpus and processes > gpus:
+        raise ConfigError(
+            "trainer.device",
+            f"{processes} processes on this machine but only {gpus} CUDA device{'s' if gpus > 1 else ''}; "
+            f"launch at most {gpus} (torchrun --nproc_per_node {gpus}), or run on the CPU with "
+            "ACCELERATE_USE_CPU=1 and trainer.device=cpu",
+        )
+
+
+def check_launch(cpu: bool) -> None:
+    """``check_gpus`` for this launch: torchrun and Accelerate say how many processes share this machine."""
+    import torch
+
+    if not cpu and torch.cuda.is_available():
+        check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+
+
 def launch_time(pattern: str) -> str:
     """Now, formatted; in a multi-process launch, the main process's now on every process.
 
@@ -99,7 +119,9 @@ def launch_time(pattern: str) -> str:
         from accelerate import PartialState  # starts the process group: only here, when it is needed
         from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
-        PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+        check_launch(cpu)
+        PartialState(cpu=cpu)
         _launched.extend(broadcast_object_list([datetime.now()]))
     return _launched[0].strftime(pattern)
 

@@ -36,6 +36,7 @@ RESUMABLE_CHANGES = (
     "trainer.keep_last",
     "trainer.save_model",
     "trainer.device",
+    "trainer.deterministic",
     "trainer.max_batch_size",
 )
 log = logging.getLogger("clrx")
@@ -111,7 +112,12 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         return None
     main = session.accelerator.is_main_process
     client = open_store(cfg.tracking.uri or default_uri()) if main else None
-    run_tags = {"mlflow.source.name": "clrx", "clrx.output_dir": str(output_dir), **(tags or {})}
+    run_tags = {
+        "mlflow.source.name": "clrx",
+        "clrx.output_dir": str(output_dir),
+        "clrx.device": str(session.accelerator.device),
+        **(tags or {}),
+    }
     if resumed is not None and OmegaConf.to_container(cfg.policy, resolve=True) == saved["config"]["policy"]:
         node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, instantiate
-from clrx.config.schema import check_trainer
+from clrx.config.schema import check_launch, check_trainer
 from clrx.data.splits import Splits, build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
@@ -149,18 +150,34 @@ class Session:
         return self.accelerator.reduce(values, "mean")
 
 
+def set_deterministic(on: bool) -> None:
+    """Deterministic kernels, or torch's defaults back: for the same losses from the same command on a GPU.
+
+    cuBLAS reads its workspace setting when it first runs, so it is set before any matmul.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
+
+
 def accelerator_for(trainer: DictConfig) -> Accelerator:
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
     if trainer.precision == "fp16" and (trainer.device == "cpu" or not torch.cuda.is_available()):
         raise ConfigError("trainer.precision", "fp16 needs a CUDA device (loss scaling is GPU-only); use bf16 or no")
-    # Each run sets its own precision, also when one process runs several (tests, sequential sweeps).
-    AcceleratorState._reset_state()
+    # Each run sets its own precision and, outside a multi-process launch, its own device, also when
+    # one process runs several (tests, sequential sweeps).
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not launched)
+    set_deterministic(trainer.deterministic)
     # Batches are global and split over the processes; an epoch's order is a function of (seed, epoch).
     loading = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed)
+    # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
+    cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+    check_launch(cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
-        # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
-        cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
         return Accelerator(
             mixed_precision=trainer.precision,
             cpu=cpu,

@@ -15,7 +15,9 @@ from clrx.training.session import prepare
 
 
 def main(out: Path) -> None:
-    cfg = compose_run("policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32")
+    cfg = compose_run(
+        "policy=range_test", "policy.num_iter=80", "policy.max_lr=30", "trainer.batch_size=32", "trainer.device=cpu"
+    )
     session = prepare(cfg)
     policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
     # No MLflow run: this test is about what each rank decides.
