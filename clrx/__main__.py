@@ -47,8 +47,10 @@ def app(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)
-    choices = hydra_cfg.runtime.choices.items()  # group@package: tagged by the package it fills
-    tags = {f"clrx.{group.rpartition('@')[2]}": str(choice) for group, choice in choices if "/" not in group}
+    # The groups' choices (clrx.policy=one_cycle...); policy@range_test only shapes auto bounds, which
+    # are tagged when used (clrx.range_test_run_id).
+    choices = hydra_cfg.runtime.choices.items()
+    tags = {f"clrx.{group}": str(choice) for group, choice in choices if "/" not in group and "@" not in group}
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))
@@ -85,11 +87,26 @@ def app(cfg: DictConfig) -> float | None:
     return result.suggestions[cfg.policy.rule].max_lr if cfg.policy.rule in result.suggestions else None
 
 
+def job_name(num: int, overrides: list[str], limit: int = 80) -> str:
+    """``job 3: weight_decay=1e-05 policy=triangular2``: the job's own overrides, keys by their last part.
+
+    Where the run goes (hydra, tracking) and sweep selections (+sweep=...) are left out.
+    """
+    said = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith(("hydra", "tracking.", "sweep")):
+            continue
+        said.append(f"{key.rpartition('.')[2]}={value}")
+    name = f"job {num}: {' '.join(said)}" if said else f"job {num}"
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
 def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
     tags = {
         "clrx.job": str(hydra_cfg.job.num),
         "clrx.overrides": " ".join(hydra_cfg.overrides.task),
-        "mlflow.runName": f"job {hydra_cfg.job.num}",
+        "mlflow.runName": job_name(hydra_cfg.job.num, list(hydra_cfg.overrides.task)),
     }
     parent = parent_run_id(hydra_cfg.sweep.dir)
     if parent is not None:

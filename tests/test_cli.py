@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 
 import pytest
 import torch
@@ -57,9 +58,11 @@ def _losses_of_two_runs(tmp_path, store, *overrides):
     return [[m.value for m in _history(client, run, "train_loss")] for run in runs]
 
 
-def test_same_command_twice_gives_the_same_losses(tmp_path, store):
+def test_same_command_twice_gives_the_same_losses_under_distinct_names(tmp_path, store):
     first, second = _losses_of_two_runs(tmp_path, store, "trainer.device=cpu")
     assert len(first) == STEPS_PER_EPOCH and first == second
+    names = [run.info.run_name for run in store[1].search_runs([store[1].get_experiment_by_name("clrx").experiment_id])]
+    assert len(set(names)) == 2 and all(re.fullmatch("onecycle-test_resnet-digits-[0-9a-f]{4}", n) for n in names)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

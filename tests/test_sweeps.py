@@ -12,6 +12,7 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from clrx.__main__ import job_name
 from clrx.config.schema import compose_run
 from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
@@ -21,9 +22,14 @@ from tests.conftest import main_in_process, run_cli
 STEPS_PER_EPOCH = 1437 // 64
 
 
-def _sweep(tmp_path, *args):
+def _sweep_run(tmp_path, *args):
     done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _sweep(tmp_path, *args):
+    _sweep_run(tmp_path, *args)
     return tmp_path / "sweep"
 
 
@@ -90,10 +96,29 @@ def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(
 
 def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, store):
     uri, client = store
-    sweep_dir = _sweep(tmp_path, "policy.base_lr=0.01,0.9")
-    _, children = _family(client, sweep_dir)
+    done = _sweep_run(tmp_path, "policy.base_lr=0.01,0.9")
+    sweep_dir = tmp_path / "sweep"
+    parent, children = _family(client, sweep_dir)
     assert [child.info.status for child in children] == ["FINISHED", "FAILED"]
     assert "policy.base_lr: must be below max_lr" in children[1].data.tags["clrx.failure"]
+    # Named by what each job changed; what the sweep did is printed, with where its summary went.
+    assert [child.info.run_name for child in children] == [
+        "job 0: base_lr=0.01 epochs=1",
+        "job 1: base_lr=0.9 epochs=1",
+    ]
+    assert f"sweep folder sweep, parent MLflow run {parent.info.run_id}\n" in done.stderr
+    summary = "sweep summary: sweep/summary.csv, summary.md, summary.png (also under summary/ on parent MLflow run"
+    assert f"{summary} {parent.info.run_id} at {uri})" in done.stderr
+    assert "clrx.range_test" not in children[0].data.tags  # no range test behind this run
+    assert client.get_experiment_by_name("clrx").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_job_names_say_what_the_job_changed():
+    overrides = ["+sweep=clr_vs_fixed", "optimizer.weight_decay=1e-05", "policy=triangular2", "tracking.uri=x"]
+    assert job_name(3, overrides) == "job 3: weight_decay=1e-05 policy=triangular2"
+    assert job_name(0, ["hydra/launcher=parallel"]) == "job 0"
+    long = job_name(12, [f"policy.max_lr={'9' * 100}"])
+    assert len(long) == 80 and long.startswith("job 12: max_lr=999") and long.endswith("...")
 
 
 def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, capsys):

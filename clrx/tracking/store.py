@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,8 @@ METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
 PARENT_FILE = "mlflow_parent_run"  # in a sweep's folder: the id of the sweep's parent run
+# The experiment tag by which MLflow 3's UI picks an experiment's view, and its value for training.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_uri() -> str:
@@ -95,10 +98,15 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, created if new; marked as model training so that MLflow 3's UI opens it
+    on its runs and charts, not on its GenAI traces (a user's own choice of kind is kept)."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
+    if found is None:
+        location = _artifact_location(client.tracking_uri, name)
+        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+    if EXPERIMENT_KIND not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+    return found.experiment_id
 
 
 class _Writer:
@@ -312,6 +320,17 @@ def log_config(tracker: Tracker | Silent, cfg: DictConfig, data: Any, output_dir
         tracker.text("\n".join(data.classes) + "\n", "data/classes.txt")
     if (output_dir / ".hydra").is_dir():
         tracker.artifacts(output_dir / ".hydra", "config/hydra")
+
+
+def run_name(cfg: DictConfig, tags: Mapping[str, str]) -> str:
+    """``one_cycle-test_resnet-digits-3f9a``: what ran, and a suffix from the OS's randomness.
+
+    MLflow's own random names come from Python's generator, which the run's seed has just fixed:
+    every run of a seed would get the same name.
+    """
+    policy = tags.get("clrx.policy") or cfg.policy._target_.rpartition(".")[2].lower()
+    dataset = tags.get("clrx.dataset") or cfg.dataset._target_.rpartition(".")[2]
+    return f"{policy}-{cfg.model.name}-{dataset}-{secrets.token_hex(2)}"
 
 
 def newest_finished_run(

@@ -8,6 +8,7 @@ the summary to the parent.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,20 @@ class SweepRuns(Callback):
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         _open_parents.append((client, run.info.run_id))
+        print(f"sweep folder {sweep_dir}, parent MLflow run {run.info.run_id}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = parent_run_id(sweep_dir)
         if parent is not None and main_process():
-            report(open_store(config.tracking.uri or default_uri()), parent, sweep_dir, close=True)
+            client = open_store(config.tracking.uri or default_uri())
+            report(client, parent, sweep_dir, close=True)
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
+            print(
+                f"sweep summary: {sweep_dir}/summary.csv, summary.md, summary.png "
+                f"(also under summary/ on parent MLflow run {parent} at {client.tracking_uri})",
+                file=sys.stderr,
+            )
 
 
 def abort_open_sweeps(reason: str) -> None:

@@ -20,7 +20,7 @@ from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import default_uri, flatten, log_config, main_run, open_store
+from clrx.tracking.store import default_uri, flatten, log_config, main_run, open_store, run_name
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
@@ -128,7 +128,8 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
         log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])
     resume_id = None if resumed is None else saved["run_id"]
-    with main_run(client, cfg.tracking.experiment, cfg.tracking.run_name, run_tags, resume_id) as tracker:
+    name = cfg.tracking.run_name or run_tags.get("mlflow.runName") or run_name(cfg, run_tags)
+    with main_run(client, cfg.tracking.experiment, name, run_tags, resume_id) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):
