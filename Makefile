@@ -46,5 +46,5 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-clean: ## remove run outputs and the local MLflow store (keeps .venv)
-	rm -rf outputs multirun mlflow.db mlartifacts bench.json reproduce
+clean: ## remove run outputs, reports and the local MLflow store (keeps .venv)
+	rm -rf outputs multirun mlflow.db mlartifacts bench.json throughput.json reproduce reports

@@ -9,8 +9,8 @@ import torch
 from mlflow.entities import ViewType
 
 from clrx.config.schema import compose_run
-from clrx.schedules.policies import OneCycle
-from clrx.training.run import train
+from clrx.schedules.policies import Cyclic, Decay, OneCycle
+from clrx.training.run import train, turning_points
 from clrx.training.session import accelerator_for
 from tests.conftest import main_in_process, run_cli
 
@@ -163,6 +163,19 @@ def test_a_diverging_run_stops_and_is_marked_failed_with_the_reason(tmp_path, st
     assert run.info.status == "FAILED" and "loss became" in run.data.tags["clrx.failure"]
 
 
+def test_turning_points_are_the_start_peaks_troughs_corners_and_end():
+    one_cycle = OneCycle(base_lr=0.05, max_lr=0.5, total_steps=176)
+    lrs = [one_cycle(k).lr for k in range(176)]
+    peak = lrs.index(max(lrs))
+    falling_ends = max(k for k in range(peak, 176) if lrs[k] >= 0.05)  # then annihilation, below base_lr
+    assert turning_points(lrs) == [0, peak, falling_ends, 175]
+    decay = Decay(base_lr=0.1, max_lr=1.0, stepsize=10)
+    assert turning_points([decay(k).lr for k in range(30)]) == [0, 10, 29]  # the floor is reached at step 10
+    hann = Cyclic(base_lr=0.1, max_lr=1.0, stepsize=7, window="hann")
+    assert turning_points([hann(k).lr for k in range(60)]) == [0, 7, 14, 21, 28, 35, 42, 49, 56, 59]
+    assert turning_points([0.1] * 5) == [0, 4]
+
+
 def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypatch, capsys):
     uri, client = store
     status, _ = main_in_process(
@@ -177,7 +190,14 @@ def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypa
     assert status == 0 and (tmp_path / "run" / "schedule_preview.png").stat().st_size > 0
     log = (tmp_path / "run" / "__main__.log").read_text()
     assert f"dry run: {8 * STEPS_PER_EPOCH} steps ({STEPS_PER_EPOCH} per epoch)" in log
-    assert "step     17  epoch   0.77  lr 0.3977  momentum 0.9" in log  # rising to the first peak; SGD keeps 0.9
+    # Start, each peak and trough of the 22-step half cycles, end; SGD keeps its momentum 0.9.
+    shown = [line.split() for line in log.splitlines() if "  step " in line]
+    assert [int(words[-7]) for words in shown] == [0, 22, 44, 66, 88, 110, 132, 154, 175]
+    peaks = [0.05 + 0.45 / 2**cycle for cycle in range(4)]  # triangular2 halves the amplitude each cycle
+    expected = [0.05, *sum(([p, 0.05] for p in peaks), [])]
+    expected[-1] = 0.05 + (peaks[-1] - 0.05) / 22  # the last step, one short of the fourth trough
+    assert [float(words[-3]) for words in shown] == pytest.approx(expected, rel=1e-3)
+    assert "step     22  epoch   1.00  lr 0.5  momentum 0.9" in log
     assert _no_runs(client) and not (tmp_path / "run" / "model.pt").exists()
 
 

@@ -66,14 +66,39 @@ def _check_unchanged(cfg: DictConfig, saved: Mapping[str, Any], path: Path) -> N
         )
 
 
+def turning_points(values: list[float]) -> list[int]:
+    """The steps that outline a schedule: start, end, each peak and trough, and each corner where a
+    straight stretch ends without turning back (one-cycle's annihilation start, a decay's floor)."""
+    tiny = 1e-9 * max(map(abs, values), default=1.0)
+    slopes = [b - a for a, b in zip(values, values[1:], strict=False)]
+    sign = [0 if abs(d) <= tiny else 1 if d > 0 else -1 for d in slopes]
+    turns, direction = set(), 0  # direction: of the last stretch that moved
+    for k in range(1, len(slopes)):
+        if sign[k] and sign[k] != direction:
+            if direction:
+                turns.add(k)
+            direction = sign[k]
+    corners = {
+        k
+        for k in range(2, len(slopes))
+        if abs(slopes[k - 2] - slopes[k - 1]) <= tiny
+        and abs(slopes[k - 1] - slopes[k]) > tiny
+        and sign[k] != -sign[k - 1]
+        and not {k - 1, k, k + 1} & turns
+    }
+    return sorted({0, len(values) - 1} | turns | corners)
+
+
 def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
     """Print and plot the LR and momentum a run would apply, without training; the plot's path."""
     steps = list(range(session.total_steps))
     kept = applied_momentum(session.optimizer)  # what a step applies where the policy sets no momentum
     hypers = [Hyper(h.lr, kept if h.momentum is None else h.momentum) for h in map(policy, steps)]
     name = session.momentum or "momentum"
-    log.info("dry run: %d steps (%d per epoch); the schedule:", session.total_steps, session.steps_per_epoch)
-    for step in sorted({*range(0, session.total_steps, max(1, session.total_steps // 10)), steps[-1]}):
+    log.info(
+        "dry run: %d steps (%d per epoch); the schedule at its turns:", session.total_steps, session.steps_per_epoch
+    )
+    for step in turning_points([h.lr for h in hypers]):
         momentum = "-" if hypers[step].momentum is None else f"{hypers[step].momentum:.4g}"
         log.info(
             "  step %6d  epoch %6.2f  lr %.4g  %s %s",
