@@ -3,6 +3,8 @@
 import importlib
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from clrx.config.schema import compose_run
 from clrx.schedules.policies import Cyclic, Decay, OneCycle
 from clrx.training.run import train, turning_points
 from clrx.training.session import accelerator_for
-from tests.conftest import main_in_process, run_cli
+from tests.conftest import ROOT, main_in_process, run_cli
 
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1437 training images, drop_last batches of 64
 
@@ -155,12 +157,27 @@ def test_bad_input_exits_non_zero_from_a_real_process(tmp_path, store):
 
 def test_a_diverging_run_stops_and_is_marked_failed_with_the_reason(tmp_path, store):
     uri, client = store
-    done = run_cli("policy=fixed", "policy.lr=1e6", f"tracking.uri={uri}", cwd=tmp_path)
+    env = {key: value for key, value in os.environ.items() if key not in ("CI", "MLFLOW_TRACKING_URI")}
+    command = [sys.executable, "-m", "clrx", "policy=fixed", "policy.lr=1e6", f"tracking.uri={uri}"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "loss became" in lines[0], done.stderr
+    *bar, line, end = done.stderr.split("\n")  # the progress bar was drawn, then closed: the reason has its line
+    assert "step" in "".join(bar) and line.startswith("clrx: error: ") and "loss became" in line and end == ""
     [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
     assert run.info.status == "FAILED" and "loss became" in run.data.tags["clrx.failure"]
+
+
+def test_make_clean_removes_outputs_reports_and_the_store(tmp_path):
+    kept = tmp_path / "data"
+    made = [tmp_path / name for name in ("outputs", "multirun", "reports", "mlartifacts", "reproduce")]
+    for folder in (*made, kept):
+        folder.mkdir()
+    files = [tmp_path / name for name in ("mlflow.db", "bench.json", "throughput.json")]
+    for file in files:
+        file.write_text("x")
+    done = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in (*made, *files)) and kept.is_dir()
 
 
 def test_turning_points_are_the_start_peaks_troughs_corners_and_end():
