@@ -79,6 +79,7 @@ def test_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypa
     try:
         accelerator_for(compose_run("trainer.device=cpu", "trainer.deterministic=true").trainer)
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
     finally:
         accelerator_for(compose_run("trainer.device=cpu").trainer)
