@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, build_policy, instantiate
 from clrx.config.schema import CONF, compose_run
 from clrx.data.splits import build_data
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, one_line
 from clrx.schedules.policies import Hyper
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -100,3 +102,19 @@ def test_unknown_model_suggests_close_timm_names():
     with pytest.raises(ConfigError, match="close names: .*resnet18") as raised:
         instantiate(cfg.model, "model", num_classes=10, in_chans=1)
     assert raised.value.setting == "model.name"
+
+
+def test_an_error_raised_while_the_config_resolves_is_its_own_line():
+    """The launch check runs inside a resolver (the run folder's time stamp); its line must survive OmegaConf."""
+
+    def refuse(_):
+        raise ConfigError("trainer.device", "2 processes on this machine but only 1 CUDA device")
+
+    config = OmegaConf.create({"dir": "${refuse:x}"})
+    OmegaConf.register_new_resolver("refuse", refuse)
+    try:
+        with pytest.raises(OmegaConfBaseException) as raised:
+            OmegaConf.to_container(config, resolve=True)
+    finally:
+        OmegaConf.clear_resolver("refuse")
+    assert one_line(raised.value) == "trainer.device: 2 processes on this machine but only 1 CUDA device"
