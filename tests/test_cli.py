@@ -67,6 +67,13 @@ def test_same_command_twice_gives_the_same_losses_under_distinct_names(tmp_path,
     assert len(set(names)) == 2 and all(re.fullmatch("onecycle-test_resnet-digits-[0-9a-f]{4}", n) for n in names)
 
 
+def test_a_given_run_name_wins_over_a_sweep_jobs_name(tmp_path, store):
+    uri, client = store
+    cfg = compose_run("trainer.epochs=1", "trainer.progress=false", "tracking.run_name=mine", f"tracking.uri={uri}")
+    result = train(cfg, tmp_path, {"mlflow.runName": "job 0: lr=0.1"})
+    assert client.get_run(result.run_id).info.run_name == "mine"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_deterministic_gives_the_same_losses_on_a_gpu(tmp_path, store):
     first, second = _losses_of_two_runs(tmp_path, store, "trainer.device=cuda", "trainer.deterministic=true")

@@ -153,8 +153,9 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
         log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])
     resume_id = None if resumed is None else saved["run_id"]
-    name = cfg.tracking.run_name or run_tags.get("mlflow.runName") or run_name(cfg, run_tags)
-    with main_run(client, cfg.tracking.experiment, name, run_tags, resume_id) as tracker:
+    # tracking.run_name, else a sweep job's name, else one made up; MLflow refuses a name and a differing tag.
+    run_tags["mlflow.runName"] = cfg.tracking.run_name or run_tags.get("mlflow.runName") or run_name(cfg, run_tags)
+    with main_run(client, cfg.tracking.experiment, run_tags["mlflow.runName"], run_tags, resume_id) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):
