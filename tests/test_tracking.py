@@ -3,7 +3,7 @@
 import pytest
 
 from clrx.errors import ConfigError
-from clrx.tracking.store import flatten, open_store, tracked_run
+from clrx.tracking.store import experiment_id, flatten, open_store, tracked_run
 
 
 def test_every_buffered_point_lands_once_across_many_batches(store):
@@ -45,3 +45,15 @@ def test_params_are_the_flattened_config():
         "policy.betas": "[0.9, 0.99]",
         "empty": "{}",
     }
+
+
+def test_experiments_open_in_the_model_training_view_unless_their_owner_chose_another(store):
+    _, client = store
+    kind = "mlflow.experimentKind"
+    assert client.get_experiment(experiment_id(client, "new")).tags[kind] == "custom_model_development"
+    older = client.create_experiment("older")  # made before clrx marked its experiments
+    assert experiment_id(client, "older") == older
+    assert client.get_experiment(older).tags[kind] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={kind: "genai_development"})
+    experiment_id(client, "chosen")
+    assert client.get_experiment(chosen).tags[kind] == "genai_development"
