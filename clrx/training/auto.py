@@ -111,6 +111,7 @@ def auto_bounds(
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
         session.load_state(saved[0])
         checkpoint.set_rng_state(saved[1])
+        log.info("range test %s ended: %s", result.run_id, result.stop_reason)
         cached = result.run_id, result.suggestions, result.no_suggestion
     run_id, suggestions, no_suggestion = cached
     if policy.rule not in suggestions:
