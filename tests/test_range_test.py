@@ -172,7 +172,7 @@ def test_reused_range_test_is_announced_and_a_rule_without_bounds_says_why(tmp_p
     assert f"reusing range test {earlier.info.run_id} from {started}" in caplog.messages
 
 
-def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store):
+def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store, caplog):
     """max_lr=auto trains exactly as a run with the range test's bounds typed in; the test is cached."""
     uri, client = store
     common = ["trainer.epochs=4", "trainer.progress=false", "trainer.save_model=false", "trainer.device=cpu"]
@@ -182,14 +182,18 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
     session = prepare(cfg)
     before, first_batch = copy.deepcopy(session.state()), next(session.epoch(0))[0][1]
     generators = rng_state()
-    found, rule, range_run = auto_bounds(session, client, tmp_path, {})
+    with caplog.at_level(logging.INFO, "clrx"):
+        found, rule, range_run = auto_bounds(session, client, tmp_path, {})
+    assert any(m.startswith(f"range test {range_run} ended: ") for m in caplog.messages)
     after = session.state()
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     assert before["optimizer"] == after["optimizer"] and torch.equal(generators["torch"], rng_state()["torch"])
     assert torch.equal(first_batch, next(session.epoch(0))[0][1])  # the labels of training's first batch
     assert 0 < found["base_lr"] < found["max_lr"] < 10 and rule == "minimum/10"
 
-    auto = train(cfg, tmp_path / "auto")  # the cached test: no second range-test run
+    with caplog.at_level(logging.INFO, "clrx"):
+        auto = train(cfg, tmp_path / "auto")  # the cached test: no second range-test run
+    assert any(m.startswith(f"reusing range test {range_run} from 20") for m in caplog.messages)
     typed = train(
         compose_run(f"policy.base_lr={found['base_lr']}", f"policy.max_lr={found['max_lr']}", *common),
         tmp_path / "typed",
