@@ -51,7 +51,7 @@ bounds = st.tuples(st.floats(1e-8, 10.0), st.floats(1.001, 1e4)).map(lambda t: (
 momenta = st.one_of(st.none(), st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 0.09)).map(lambda t: (t[0], t[0] + t[1])))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(
     lrs=bounds,
     stepsize=st.one_of(st.integers(1, 40), st.integers(10**4, 10**8)),
@@ -89,7 +89,7 @@ def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momen
         _assert_same(policy, {step: _torch_at(oracle, step)}, max_lr, momentum is not None)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 @given(
     lrs=bounds,
     total_steps=st.integers(2, 400),

@@ -55,14 +55,14 @@ def test_no_momentum_points_without_a_momentum_and_the_reduction_applies():
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_non_finite_loss_stops_and_what_came_before_reaches_the_tracker(bad):
     tracker = Points()
-    recorder = Recorder(tracker, "beta1", every=5)
-    _record(recorder, [3.0, 2.0, 1.0, bad])
+    recorder = Recorder(tracker, "beta1", every=4)
+    _record(recorder, [5.0, 4.0, 3.0, 2.0, 1.0, bad])  # read at step 3; steps 4 and 5 pending
     with pytest.raises(TrainingDiverged) as raised:
         recorder.drain()
-    assert str(raised.value) == f"loss became {bad} at step 3 (lr 0.4); lower the learning rate (policy.max_lr)"
-    assert recorder.losses == [3.0, 2.0, 1.0]
+    assert str(raised.value) == f"loss became {bad} at step 5 (lr 0.6); lower the learning rate (policy.max_lr)"
+    assert recorder.losses == [5.0, 4.0, 3.0, 2.0, 1.0]
     assert [(key, step) for key, _, step in tracker.flat()] == [
-        (key, step) for step in range(3) for key in ("lr", "beta1", "train_loss")
+        (key, step) for step in range(5) for key in ("lr", "beta1", "train_loss")
     ]
 
 
