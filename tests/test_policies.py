@@ -283,6 +283,7 @@ REFUSED = [  # every validated setting: a value just outside what it allows, and
     (lambda: Fixed(0.1, momentum=-0.1), "momentum: must be null or in [0, 1), got -0.1"),
     (lambda: Fixed(0.1, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
     (lambda: LRRange(1.0, 0.1, 100), "min_lr: must be below max_lr, got 1.0 >= 0.1"),
+    (lambda: LRRange(0.1, 0.1, 100), "min_lr: must be below max_lr, got 0.1 >= 0.1"),
     (lambda: LRRange(0.0, 0.1, 100), "min_lr: must be a positive number, got 0.0"),
     (lambda: LRRange(1e-3, -1.0, 100), "max_lr: must be a positive number, got -1.0"),
     (lambda: LRRange(1e-3, 1.0, 0), "num_iter: must be a positive whole number of steps, got 0"),
@@ -333,6 +334,7 @@ def test_the_edges_of_every_allowed_range_are_accepted():
     Fixed(1e-300, momentum=0.0)
     Exp(0.1, gamma=1.0)
     Decay(0.01, 0.1, 1)
+    assert Stages(((3, Fixed(0.1)),))(7) == Hyper(0.1)  # one stage is enough
     policy = LRRange(0.01, 0.1, 2, beta=0.0, stop_factor=1.0001, val_every=0, div=1.0001, scale=1e-300)
     assert [policy(0).lr, policy(1).lr, policy(5).lr] == [0.01, 0.1, 0.1]
 
@@ -362,3 +364,13 @@ def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
     assert momentum_name(adam) == "beta1" and momentum_name(sgd) == "momentum"
     apply_hyper(adam, Hyper(0.02))  # no momentum: leave beta1 alone
     assert adam.param_groups[0]["betas"] == (0.85, 0.99) and adam.param_groups[0]["lr"] == 0.02
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [Fixed(0.1, 0.8), Exp(0.1, 0.9, 0.8), Decay(0.01, 0.1, 5, 0.8), LRRange(0.01, 1.0, 5, momentum=0.8)]
+    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8)],
+    ids=["fixed", "exp", "decay", "range_test", "range_test_exp"],
+)
+def test_a_fixed_momentum_is_applied_at_every_step(policy):
+    assert [policy(step).momentum for step in range(8)] == [0.8] * 8

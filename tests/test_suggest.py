@@ -22,24 +22,55 @@ def _curve(mode, lrs, smoothed, accuracy=None, val_accuracy=None):
     )
 
 
-# 20 points, lr = 10 ** (-4 + i / 4): the first 10% (2 points) are skipped; point 0 is a dip lower than the
-# real minimum and must not count; the bump at 5 interrupts the fall but not the longest falling run.
+# 20 points, lr = 10 ** (-4 + i / 4): the first 10% (2 points) are skipped: the spike at 0 would be the steepest
+# fall into point 1 and the dip at 1 the minimum; the bump at 5 interrupts the fall but not the longest falling run.
 EXP_LRS = [10 ** (-4 + i / 4) for i in range(20)]
-EXP_LOSSES = [0.5, 3.05, 3.0, 2.95, 2.9, 3.1, 2.8, 2.7, 2.6, 2.5, 2.3, 1.5, 1.2, 1.1, 1.0, 1.4, 2.0, 2.5, 3.5, 5.0]
+EXP_LOSSES = [9.0, 0.5, 3.0, 2.95, 2.9, 3.1, 2.8, 2.7, 2.6, 2.5, 2.3, 1.5, 1.2, 1.1, 1.0, 1.4, 2.0, 2.5, 3.5, 5.0]
 
 
 def test_loss_rules_on_an_exp_curve():
     found = suggest(_curve("exp", EXP_LRS, EXP_LOSSES))
     assert set(found) == {"steepest", "minimum/10", "valley"}  # no accuracy: no paper rule
-    # The lowest loss from point 2 on is 1.0 at point 14; the dip at point 0 is in the skipped start.
+    # The lowest loss from point 2 on is 1.0 at point 14; the dip at point 1 is in the skipped start.
     assert found["minimum/10"].max_lr == pytest.approx(10**-0.5 / 10)
     # Central differences s[i+1] - s[i-1] over a constant step in log(lr), points 2..14:
-    # -0.10 -0.10 +0.15 -0.10 -0.40 -0.20 -0.20 -0.30 -1.00 -1.10 -0.40 -0.20 +0.30: steepest at point 11.
+    # +2.45 -0.10 +0.15 -0.10 -0.40 -0.20 -0.20 -0.30 -1.00 -1.10 -0.40 -0.20 +0.30: steepest at point 11.
     assert found["steepest"].max_lr == pytest.approx(10**-1.25)
     # Longest falling run in points 2..14: all but the bump, 12 long, from start 0 (end 12 minus 12) to end 12;
     # a third is 4, its half 2: local index 0 + 4 + 2 = 6, point 8.
     assert found["valley"].max_lr == pytest.approx(1e-2)
     assert found["valley"].base_lr is None and found["steepest"].base_lr is None
+    assert {rule: s.rule for rule, s in found.items()} == {rule: rule for rule in found}
+    assert found["steepest"].why == "fastest fall of the smoothed loss" and found["valley"].why == "fastai's valley"
+    assert found["minimum/10"].why == "a tenth of the lowest loss's lr 0.316"
+
+
+def test_the_slope_at_the_first_usable_point_counts():
+    """Ten points skip one; the fall from the spike at 0 to point 2 is the slope at point 1, the steepest."""
+    losses = [9.0, 5.0, 3.0, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.9]
+    found = suggest(_curve("linear", [0.1 * (i + 1) for i in range(10)], losses))
+    assert found["steepest"].max_lr == pytest.approx(0.2)
+
+
+def test_a_curve_still_falling_at_its_end():
+    """The lowest loss is the last point: slopes stop one before it, and the steepest is there."""
+    found = suggest(_curve("linear", [0.1, 0.2, 0.3, 0.4, 0.5], [5.0, 4.9, 4.8, 4.0, 1.0]))
+    # (s[i+1] - s[i-1]) / 0.2 at points 1..3: -1.0 -4.5 -19.0
+    assert found["steepest"].max_lr == pytest.approx(0.4) and found["minimum/10"].max_lr == pytest.approx(0.05)
+
+
+def test_slopes_divide_by_the_lr_step_however_uneven():
+    lrs = [0.1, 0.2, 0.3, 1.3, 2.3, 2.4]
+    losses = [5.0, 4.8, 4.0, 3.0, 1.0, 2.0]
+    # points 1..3: -1.0 / 0.2 = -5, -1.8 / 1.1 = -1.6, -3.0 / 2.0 = -1.5; times the step instead: -0.2, -1.98, -6
+    assert suggest(_curve("linear", lrs, losses))["steepest"].max_lr == 0.2
+
+
+def test_valley_counts_only_strict_falls():
+    """A flat stretch is not a fall: 3, 2, 2, 1 falls three points long (3, 2, 1), from start 0 to end 3."""
+    found = suggest(_curve("linear", [0.1, 0.2, 0.3, 0.4, 0.5], [3.0, 2.0, 2.0, 1.0, 2.0]))
+    # a third of 3 is 1, its half 0: point 1 (counting the flat point as a fall would give 4 long, from -1: point 0)
+    assert found["valley"].max_lr == pytest.approx(0.2)
 
 
 def test_loss_rules_on_a_linear_curve_measure_slopes_in_lr():
@@ -83,6 +114,8 @@ def test_paper_rule_prefers_three_validation_points_over_batch_accuracy():
     assert paper.why.startswith("validation accuracy")
     two = suggest(_curve("linear", LINEAR_LRS, LINEAR_LOSSES, accuracy, {4: 0.3, 6: 0.8}))["paper"]
     assert two.why.startswith("smoothed batch accuracy")  # two validation points are not a curve
+    three = suggest(_curve("linear", LINEAR_LRS, LINEAR_LOSSES, accuracy, {2: 0.1, 4: 0.3, 8: 0.9}))["paper"]
+    assert three.why == "validation accuracy: 10% of its rise at lr 0.5, 90% at 0.9" and three.rule == "paper"
 
 
 def test_paper_rule_falls_back_to_the_first_and_best_points_on_a_jump():
@@ -94,6 +127,8 @@ def test_paper_rule_falls_back_to_the_first_and_best_points_on_a_jump():
 
 def test_paper_rule_needs_two_accuracy_points():
     assert "paper" not in suggest(_curve("linear", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], [0.1, 0.2, 0.3]))
+    two = suggest(_curve("linear", [0.1, 0.2, 0.3], [2.0, 1.0, 3.0], [0.1, 0.5, 0.2]))["paper"]
+    assert (two.base_lr, two.max_lr) == (0.1, 0.2)  # both shares reached at once at point 1: first and best
     partial = _curve("linear", LINEAR_LRS, LINEAR_LOSSES, [0.1] * 9 + [None])
     assert smoothed_accuracy(partial) is None and "paper" not in suggest(partial)
 
@@ -106,11 +141,11 @@ def test_smoothed_accuracy_uses_the_curves_smoothing():
 
 
 def test_bounds_take_the_rules_base_or_max_over_div_times_scale():
-    found = {"paper": Suggestion("paper", 0.8, 0.2), "steepest": Suggestion("steepest", 0.6)}
-    assert bounds(found, "paper", div=4) == (0.2, 0.8)
+    found = {"paper": Suggestion("paper", 0.8, 0.3), "steepest": Suggestion("steepest", 0.6)}
+    assert bounds(found, "paper", div=4) == (0.3, 0.8)
     assert bounds(found, "steepest", div=4) == (0.15, 0.6)
     assert bounds(found, "steepest", div=3, scale=2) == (pytest.approx(0.4), 1.2)
-    assert bounds(found, "paper", div=4, scale=0.5) == (0.1, 0.4)
+    assert bounds(found, "paper", div=4, scale=0.5) == (0.15, 0.4)
 
 
 def test_smoother_is_a_bias_corrected_moving_average():
@@ -120,15 +155,16 @@ def test_smoother_is_a_bias_corrected_moving_average():
     assert [Smoother(0.0)(v) for v in (3.0, 7.0)] == [3.0, 7.0]
 
 
-@pytest.mark.parametrize("last, stops", [(3.99, False), (4.0, False), (4.01, True)])
+@pytest.mark.parametrize("last, stops", [(7.99, False), (8.0, False), (8.01, True)])
 def test_stop_rule_without_smoothing(last, stops):
+    """Best 2.0 so far: the test stops above 4 x 2.0."""
     curve = Curve("exp", beta=0.0, stop_factor=4.0)
-    assert [curve.add(lr, loss) for lr, loss in ((0.1, 2.0), (0.2, 1.0))] == [False, False]
+    assert [curve.add(lr, loss) for lr, loss in ((0.1, 3.0), (0.2, 2.0))] == [False, False]
     assert curve.add(0.3, last) is stops
-    assert curve.smoothed == [2.0, 1.0, last]
+    assert curve.smoothed == [3.0, 2.0, last]
     assert (curve.stop_reason is not None) is stops
     if stops:
-        assert curve.stop_reason == "smoothed loss 4.01 exceeded 4x its minimum 1 at lr 0.3"
+        assert curve.stop_reason == "smoothed loss 8.01 exceeded 4x its minimum 2 at lr 0.3"
 
 
 @pytest.mark.parametrize("last, stops", [(5.49, False), (5.51, True)])
@@ -167,6 +203,10 @@ def test_rows_hold_every_step_with_blanks_where_nothing_was_measured(tmp_path):
         {"step": 1, "lr": 0.2, "loss": 1.5, "smoothed_loss": 1.5, "accuracy": "", "val_accuracy": 0.5},
     ]
     curve.write_csv(tmp_path / "curve.csv")
+    single = Curve("linear", beta=0.0, stop_factor=4.0)
+    single.add(0.1, 2.0)
+    single.write_csv(tmp_path / "single.csv")
+    assert (tmp_path / "single.csv").read_text().splitlines()[1] == "0,0.1,2.0,2.0,,"
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
         "step,lr,loss,smoothed_loss,accuracy,val_accuracy",
         "0,0.1,2.0,2.0,0.25,",
