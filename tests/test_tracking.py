@@ -114,8 +114,11 @@ def test_a_buffer_past_a_chunk_is_split_and_the_rest_waits(store, monkeypatch):
 
 def test_a_resumed_run_skips_the_steps_it_already_holds(store):
     uri, client = store
+    before = int(time.time() * 1000)
     with tracked_run(open_store(uri), "t", None, {}) as first:
         first.points([("lr", 0.1, 0), ("lr", 0.2, 1), ("loss", 5.0, 0)])
+    after = int(time.time() * 1000)
+    assert all(before <= m.timestamp <= after for m in client.get_metric_history(first.run_id, "lr"))  # in ms
     with tracked_run(open_store(uri), "t", None, {}, resume=first.run_id) as again:
         again.points([("lr", 9.0, 1), ("lr", 0.3, 2), ("loss", 4.0, 1), ("acc", 0.5, 0)])
     assert again.run_id == first.run_id
