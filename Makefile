@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test ui lint format bench bench-data reproduce clean
+.PHONY: help install run test mutate ui lint format bench bench-data reproduce clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,6 +25,14 @@ run: install ## train one-cycle on the digits default (more overrides: make run 
 
 test: install ## run the test suite
 	$(PY) -m pytest
+
+# The pure logic: policies, the range test's curve and rules, the recorder, the trainer checks, the tracker's buffer.
+MUTANTS ?= 'clrx.schedules.policies.*' 'clrx.range_test.curve.*' 'clrx.range_test.suggest.*' 'clrx.training.recorder.*' \
+	'clrx.config.schema.x_check_trainer*' 'clrx.tracking.store.xǁTrackerǁpoints*' 'clrx.tracking.store.xǁTrackerǁflush*'
+
+mutate: install ## mutation testing of the pure logic against its unit tests (slow; not part of test)
+	HYPOTHESIS_PROFILE=mutation $(VENV)/bin/mutmut run $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 ui: install ## open the MLflow UI on ./mlflow.db at http://127.0.0.1:5000
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

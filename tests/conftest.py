@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
@@ -15,6 +16,10 @@ from clrx.tracking.sweep import register_sweeps
 from tests.datafiles import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
+# Drawn cases per property; `make mutate` runs the same properties on fewer, fixed draws per mutant.
+settings.register_profile("suite", max_examples=150)
+settings.register_profile("mutation", max_examples=30, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 register()
 register_sweeps()
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from mlflow.entities import ViewType
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clrx.config.schema import compose_run
 from clrx.schedules.policies import Cyclic, Decay, OneCycle
@@ -93,21 +94,53 @@ def test_deterministic_switches_torch_to_deterministic_kernels_and_back(monkeypa
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
-def test_adam_cycles_beta1(tmp_path, store):
+def _one_cycle(k, steps=STEPS_PER_EPOCH, low=5e-4, high=5e-3):
+    """Smith's one-cycle by hand: up over 45% of the 21 intervals, down over 45%, then to low/100."""
+    half = 0.45 * (steps - 1)
+    if k <= half:
+        return low + (high - low) * k / half, 0.95 - 0.10 * k / half
+    if k <= 2 * half:
+        return high - (high - low) * (k - half) / half, 0.85 + 0.10 * (k - half) / half
+    return low - (low - low / 100) * (k - 2 * half) / (steps - 1 - 2 * half), 0.95
+
+
+def _triangle(k, low=0.05, high=0.5, stepsize=5):
+    """The paper's triangle by hand: up over ``stepsize`` steps, down over as many; momentum left alone."""
+    position = k % (2 * stepsize)
+    return low + (high - low) * min(position, 2 * stepsize - position) / stepsize, 0.9
+
+
+@pytest.mark.parametrize(
+    "overrides, momentum, formula",
+    [
+        (["optimizer=adam", "policy.base_lr=5e-4", "policy.max_lr=5e-3"], "beta1", _one_cycle),
+        (["policy=triangular", "policy.stepsize=5", "policy.stepsize_epochs=null"], "momentum", _triangle),
+    ],
+    ids=["adam-one_cycle", "sgd-triangular"],
+)
+def test_logged_lr_and_momentum_are_what_each_optimizer_step_used(tmp_path, store, overrides, momentum, formula):
     uri, client = store
-    cfg = compose_run(
-        "optimizer=adam",
-        "policy.base_lr=5e-4",
-        "policy.max_lr=5e-3",
-        "trainer.epochs=1",
-        "trainer.progress=false",
-        "trainer.save_model=false",
-        f"tracking.uri={uri}",
-    )
-    run_id = train(cfg, tmp_path).run_id
-    beta1 = [m.value for m in _history(client, run_id, "beta1")]
-    expected = OneCycle(base_lr=5e-4, max_lr=5e-3, total_steps=STEPS_PER_EPOCH)
-    assert beta1 == pytest.approx([expected(k).momentum for k in range(STEPS_PER_EPOCH)])
+    applied = []
+
+    def seen(optimizer, args, kwargs):
+        group = optimizer.param_groups[0]
+        applied.append((group["lr"], group["betas"][0] if "betas" in group else group["momentum"]))
+
+    cfg = compose_run(*overrides, "trainer.epochs=1", "trainer.progress=false", "trainer.save_model=false")
+    cfg.tracking.uri = uri
+    hook = register_optimizer_step_pre_hook(seen)
+    try:
+        run_id = train(cfg, tmp_path).run_id
+    finally:
+        hook.remove()
+    logged = {key: _history(client, run_id, key) for key in ("lr", momentum, "train_loss")}
+    for key, points in logged.items():
+        assert [m.step for m in points] == list(range(STEPS_PER_EPOCH)), key  # one per step, 0 to the last
+    assert len(applied) == STEPS_PER_EPOCH
+    assert [(lr.value, m.value) for lr, m in zip(logged["lr"], logged[momentum], strict=True)] == applied
+    expected = [formula(k) for k in range(STEPS_PER_EPOCH)]
+    assert [lr for lr, _ in applied] == pytest.approx([lr for lr, _ in expected], rel=1e-12)
+    assert [m for _, m in applied] == pytest.approx([m for _, m in expected], rel=1e-12)
 
 
 BAD_INPUT = [

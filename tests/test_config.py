@@ -7,7 +7,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, build_policy, instantiate
-from clrx.config.schema import CONF, compose_run
+from clrx.config.schema import CONF, LEAST, TrainerConfig, check_trainer, compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError, one_line
 from clrx.schedules.policies import Hyper
@@ -25,8 +25,14 @@ def test_every_option_composes_and_builds(group, option, data_root):
     # Datasets read the test's small files; models get 32x32 RGB images, the size their presets are for.
     where = {"dataset": [f"dataset.root={data_root / 'folder' if option == 'imagefolder' else data_root}"]}
     where["model"] = ["dataset=fake"]
-    cfg = compose_run(f"{group}={option}", *(where.get(group, []) if option not in ("digits", "fake") else []))
-    assert cfg[group] is not None
+    overrides = where.get(group, []) if option not in ("digits", "fake") else []
+    cfg = compose_run(f"{group}={option}", *overrides)
+    chosen = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+    set_here = {"defaults"} | {o.split("=")[0].removeprefix(f"{group}.") for o in overrides}
+    composed = OmegaConf.to_container(cfg[group], resolve=False)
+    assert {k: composed[k] for k in chosen if k not in set_here} == {
+        k: v for k, v in chosen.items() if k not in set_here
+    }  # the group holds the option's file
     data = build_data(cfg.dataset)
     images, labels = next(iter(DataLoader(data.train, 2, collate_fn=data.collate)))
     images = data.pipeline(images, train=True)
@@ -118,3 +124,41 @@ def test_an_error_raised_while_the_config_resolves_is_its_own_line():
     finally:
         OmegaConf.clear_resolver("refuse")
     assert one_line(raised.value) == "trainer.device: 2 processes on this machine but only 1 CUDA device"
+
+@pytest.mark.parametrize("key, least", list(LEAST.items()))
+def test_each_trainer_count_refuses_one_below_its_least_and_takes_its_least(key, least):
+    trainer = TrainerConfig()
+    setattr(trainer, key, least - 1)
+    with pytest.raises(ConfigError) as raised:
+        check_trainer(trainer)
+    assert str(raised.value) == f"trainer.{key}: must be at least {least}, got {least - 1}"
+    setattr(trainer, key, least)
+    check_trainer(trainer)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("device", "tpu", "trainer.device: must be one of auto, cpu, cuda, got 'tpu'"),
+        ("precision", "fp8", "trainer.precision: must be one of no, bf16, fp16, got 'fp8'"),
+    ],
+)
+def test_trainer_device_and_precision_are_one_of_the_allowed(key, value, message):
+    trainer = TrainerConfig()
+    setattr(trainer, key, value)
+    with pytest.raises(ConfigError) as raised:
+        check_trainer(trainer)
+    assert str(raised.value) == message
+
+
+def test_the_trainer_counts_least_values():
+    assert LEAST == {
+        "epochs": 1,
+        "batch_size": 1,
+        "grad_accum": 1,
+        "max_batch_size": 1,
+        "eval_every": 1,
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "keep_last": 0,
+    }

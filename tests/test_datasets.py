@@ -63,7 +63,10 @@ def test_one_short_training_run_per_format(option, data_root, store, tmp_path):
     if option == "imagefolder":
         overrides.append("dataset.num_workers=2")  # decoded in worker processes, as users run it
     result = train(_dataset(option, data_root, *overrides), tmp_path)
-    assert result.steps == FORMATS[option][2] // 8 and 0 <= result.val_acc <= 1
+    val_size = FORMATS[option][3]
+    assert result.steps == FORMATS[option][2] // 8
+    correct = result.val_acc * val_size  # a count of the validation images, each counted once
+    assert 0 <= correct <= val_size and correct == pytest.approx(round(correct), abs=1e-9)
     params = client.get_run(result.run_id).data.params
     assert params["dataset._target_"].endswith(option) and params["data.num_classes"] == str(FORMATS[option][1])
     classes = client.download_artifacts(result.run_id, "data/classes.txt", str(tmp_path))

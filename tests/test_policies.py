@@ -2,6 +2,7 @@
 
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -29,28 +30,39 @@ def _trace(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int) -> list[
     return values
 
 
-def _assert_same(policy, oracle: list[Hyper], scale: float, momentum: bool) -> None:
-    for step, expected in enumerate(oracle):
+def _assert_same(policy, oracle: list[Hyper] | dict[int, Hyper], scale: float, momentum: bool) -> None:
+    for step, expected in oracle.items() if isinstance(oracle, dict) else enumerate(oracle):
         got = policy(step)
         assert math.isclose(got.lr, expected.lr, rel_tol=1e-9, abs_tol=1e-12 * scale), (step, got, expected)
         if momentum:
             assert math.isclose(got.momentum, expected.momentum, rel_tol=1e-9, abs_tol=1e-12), (step, got, expected)
 
 
-bounds = st.tuples(st.floats(1e-5, 1.0), st.floats(1.05, 100.0)).map(lambda t: (t[0], t[0] * t[1]))
-momenta = st.one_of(st.none(), st.tuples(st.floats(0.5, 0.9), st.floats(0.0, 0.09)).map(lambda t: (t[0], t[0] + t[1])))
+def _torch_at(scheduler: torch.optim.lr_scheduler.CyclicLR, step: int) -> Hyper:
+    """What ``CyclicLR`` applies before optimizer step ``step``, without stepping through the ones before."""
+    scheduler.last_epoch = step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # get_lr outside step(): deliberate, it is a closed form of last_epoch
+        lr = scheduler.get_lr()[0]
+    return Hyper(lr, applied_momentum(scheduler.optimizer))
 
 
-@settings(max_examples=150, deadline=None)
+bounds = st.tuples(st.floats(1e-8, 10.0), st.floats(1.001, 1e4)).map(lambda t: (t[0], t[0] * t[1]))
+momenta = st.one_of(st.none(), st.tuples(st.floats(0.0, 0.9), st.floats(0.0, 0.09)).map(lambda t: (t[0], t[0] + t[1])))
+
+
+@settings(deadline=None)
 @given(
     lrs=bounds,
-    stepsize=st.integers(1, 40),
-    cycles=st.floats(0.5, 4.5),
+    stepsize=st.one_of(st.integers(1, 40), st.integers(10**4, 10**8)),
+    cycles=st.floats(0.0, 4.5),
     mode=st.sampled_from(CYCLIC_MODES),
-    gamma=st.floats(0.9, 0.99999),
+    gamma=st.floats(0.0, 1.0, exclude_min=True),  # the whole range exp_range allows
     momentum=momenta,
+    data=st.data(),
 )
-def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momentum):
+def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momentum, data):
+    """Every step of short runs; for long half cycles, the bounds, a step either side and steps drawn at random."""
     base_lr, max_lr = lrs
     gamma = gamma if mode == "exp_range" else 1.0
     base_m, max_m = momentum or (None, None)
@@ -63,18 +75,26 @@ def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momen
         mode=mode,
         gamma=gamma,
         cycle_momentum=momentum is not None,
-        base_momentum=base_m or 0.8,
-        max_momentum=max_m or 0.9,
+        base_momentum=0.8 if base_m is None else base_m,
+        max_momentum=0.9 if max_m is None else max_m,
     )
-    _assert_same(policy, _trace(oracle, int(cycles * 2 * stepsize) + 1), max_lr, momentum is not None)
+    last = int(cycles * 2 * stepsize)
+    if last <= 400:
+        steps = list(range(last + 1))
+    else:
+        edges = [k * stepsize + d for k in range(int(cycles * 2) + 1) for d in (-1, 0, 1)]
+        drawn = data.draw(st.lists(st.integers(0, last), max_size=20))
+        steps = sorted({s for s in edges + drawn if 0 <= s <= last})
+    for step in steps:
+        _assert_same(policy, {step: _torch_at(oracle, step)}, max_lr, momentum is not None)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)
 @given(
     lrs=bounds,
     total_steps=st.integers(2, 400),
-    annihilate_pct=st.floats(0.01, 0.5),
-    final_div=st.floats(1.0, 1e4),
+    annihilate_pct=st.floats(0.001, 0.95),
+    final_div=st.floats(1.0, 1e8),
     momentum=momenta,
 )
 def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, annihilate_pct, final_div, momentum):
@@ -100,8 +120,8 @@ def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, annihilate_pct, fi
         div_factor=max_lr / base_lr,
         final_div_factor=final_div,
         cycle_momentum=momentum is not None,
-        base_momentum=base_m or 0.85,
-        max_momentum=max_m or 0.95,
+        base_momentum=0.85 if base_m is None else base_m,
+        max_momentum=0.95 if max_m is None else max_m,
     )
     _assert_same(policy, _trace(oracle, total_steps), max_lr, momentum is not None)
 
@@ -208,37 +228,128 @@ def test_scheduler_applies_the_policy_and_resumes_from_its_state_dict(tmp_path):
     assert pickle.loads(pickle.dumps(scheduler)).last_epoch == 15
 
 
-@pytest.mark.parametrize(
-    "make, setting",
-    [
-        (lambda: Cyclic(0.1, 0.1, 5), "base_lr"),
-        (lambda: Cyclic(0.5, 0.1, 5), "base_lr"),
-        (lambda: Cyclic(-1.0, 0.1, 5), "base_lr"),
-        (lambda: Cyclic(0.01, 0.1, 0), "stepsize"),
-        (lambda: Cyclic(0.01, 0.1, 2.5), "stepsize"),
-        (lambda: Cyclic(0.01, 0.1, 5, mode="square"), "mode"),
-        (lambda: Cyclic(0.01, 0.1, 5, gamma=0.9), "gamma"),
-        (lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8), "base_momentum"),
-        (lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8, max_momentum=1.0), "max_momentum"),
-        (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=1.0), "annihilate_pct"),
-        (lambda: OneCycle(0.01, 0.1, 100, final_div=0.5), "final_div"),
-        (lambda: OneCycle(0.01, 0.1, 100, base_momentum=0.99), "base_momentum"),
-        (lambda: Fixed(float("nan")), "lr"),
-        (lambda: Fixed(0.1, momentum=-0.1), "momentum"),
-        (lambda: Cyclic(0.01, 0.1, 5, window="cosine"), "window"),
-        (lambda: LRRange(1.0, 0.1, 100), "min_lr"),
-        (lambda: LRRange(1e-3, 1.0, 0), "num_iter"),
-        (lambda: LRRange(1e-3, 1.0, 100, mode="cubic"), "mode"),
-        (lambda: LRRange(1e-3, 1.0, 100, rule="best"), "rule"),
-        (lambda: Decay(0.1, 0.01, 5), "base_lr"),
-        (lambda: Exp(0.1, gamma=1.5), "gamma"),
-        (lambda: Stages(()), "stages"),
-    ],
-)
-def test_bad_values_name_the_setting(make, setting):
+REFUSED = [  # every validated setting: a value just outside what it allows, and the one line that says so
+    (lambda: Cyclic(0.1, 0.1, 5), "base_lr: must be below max_lr, got 0.1 >= 0.1"),
+    (lambda: Cyclic(0.5, 0.1, 5), "base_lr: must be below max_lr, got 0.5 >= 0.1"),
+    (lambda: Cyclic(-1.0, 0.1, 5), "base_lr: must be a positive number, got -1.0"),
+    (lambda: Cyclic(0.0, 0.1, 5), "base_lr: must be a positive number, got 0.0"),
+    (lambda: Cyclic(0.01, math.inf, 5), "max_lr: must be a positive number, got inf"),
+    (lambda: Cyclic(0.01, True, 5), "max_lr: must be a positive number, got True"),
+    (lambda: Cyclic(0.01, 0.1, 0), "stepsize: must be a positive whole number of steps, got 0"),
+    (lambda: Cyclic(0.01, 0.1, 2.5), "stepsize: must be a positive whole number of steps, got 2.5"),
+    (lambda: Cyclic(0.01, 0.1, True), "stepsize: must be a positive whole number of steps, got True"),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, mode="square"),
+        "mode: must be one of triangular, triangular2, exp_range, got 'square'",
+    ),
+    (lambda: Cyclic(0.01, 0.1, 5, gamma=0.9), "gamma: only applies to mode exp_range, not triangular"),
+    (lambda: Cyclic(0.01, 0.1, 5, "exp_range", gamma=1.0001), "gamma: must be in (0, 1], got 1.0001"),
+    (lambda: Cyclic(0.01, 0.1, 5, "exp_range", gamma=0.0), "gamma: must be in (0, 1], got 0.0"),
+    (lambda: Cyclic(0.01, 0.1, 5, "exp_range", gamma="0.9"), "gamma: must be in (0, 1], got '0.9'"),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8),
+        "base_momentum: set both base_momentum and max_momentum to cycle momentum, or neither",
+    ),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, max_momentum=0.8),
+        "base_momentum: set both base_momentum and max_momentum to cycle momentum, or neither",
+    ),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.8, max_momentum=1.0),
+        "max_momentum: must be null or in [0, 1), got 1.0",
+    ),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, base_momentum=-0.1, max_momentum=0.9),
+        "base_momentum: must be null or in [0, 1), got -0.1",
+    ),
+    (
+        lambda: Cyclic(0.01, 0.1, 5, base_momentum=0.9, max_momentum=0.8),
+        "base_momentum: must not exceed max_momentum, got 0.9 > 0.8",
+    ),
+    (lambda: Cyclic(0.01, 0.1, 5, window="cosine"), "window: must be one of triangular, welch, hann, got 'cosine'"),
+    (lambda: OneCycle(0.01, 0.1, 1), "total_steps: must be at least 2, got 1"),
+    (lambda: OneCycle(0.01, 0.1, 0), "total_steps: must be a positive whole number of steps, got 0"),
+    (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=1.0), "annihilate_pct: must be in [0, 1), got 1.0"),
+    (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=-0.01), "annihilate_pct: must be in [0, 1), got -0.01"),
+    (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=None), "annihilate_pct: must be in [0, 1), got None"),
+    (lambda: OneCycle(0.01, 0.1, 100, final_div=0.99), "final_div: must be a number >= 1, got 0.99"),
+    (lambda: OneCycle(0.01, 0.1, 100, final_div=math.nan), "final_div: must be a number >= 1, got nan"),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, base_momentum=0.99),
+        "base_momentum: must not exceed max_momentum, got 0.99 > 0.95",
+    ),
+    (lambda: OneCycle(0.1, 0.01, 100), "base_lr: must be below max_lr, got 0.1 >= 0.01"),
+    (lambda: Fixed(float("nan")), "lr: must be a positive number, got nan"),
+    (lambda: Fixed(0.1, momentum=-0.1), "momentum: must be null or in [0, 1), got -0.1"),
+    (lambda: Fixed(0.1, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
+    (lambda: LRRange(1.0, 0.1, 100), "min_lr: must be below max_lr, got 1.0 >= 0.1"),
+    (lambda: LRRange(0.1, 0.1, 100), "min_lr: must be below max_lr, got 0.1 >= 0.1"),
+    (lambda: LRRange(0.0, 0.1, 100), "min_lr: must be a positive number, got 0.0"),
+    (lambda: LRRange(1e-3, -1.0, 100), "max_lr: must be a positive number, got -1.0"),
+    (lambda: LRRange(1e-3, 1.0, 0), "num_iter: must be a positive whole number of steps, got 0"),
+    (lambda: LRRange(1e-3, 1.0, 1), "num_iter: must be at least 2, got 1"),
+    (lambda: LRRange(1e-3, 1.0, 100, mode="cubic"), "mode: must be one of linear, exp, got 'cubic'"),
+    (lambda: LRRange(1e-3, 1.0, 100, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, beta=1.0), "beta: must be in [0, 1), got 1.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, beta=-0.01), "beta: must be in [0, 1), got -0.01"),
+    (lambda: LRRange(1e-3, 1.0, 100, stop_factor=1.0), "stop_factor: must be a number above 1, got 1.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, stop_factor=-4.0), "stop_factor: must be a number above 1, got -4.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, val_every=-1), "val_every: must be a whole number >= 0 (0: off), got -1"),
+    (lambda: LRRange(1e-3, 1.0, 100, val_every=2.5), "val_every: must be a whole number >= 0 (0: off), got 2.5"),
+    (
+        lambda: LRRange(1e-3, 1.0, 100, rule="best"),
+        "rule: must be one of paper, steepest, minimum/10, valley, got 'best'",
+    ),
+    (lambda: LRRange(1e-3, 1.0, 100, div=1.0), "div: must be a number above 1, got 1.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, div=0.0), "div: must be a number above 1, got 0.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, scale=0.0), "scale: must be a positive number, got 0.0"),
+    (lambda: LRRange(1e-3, 1.0, 100, scale=math.inf), "scale: must be a positive number, got inf"),
+    (lambda: Decay(0.1, 0.01, 5), "base_lr: must be below max_lr, got 0.1 >= 0.01"),
+    (lambda: Decay(0.01, 0.1, 0), "stepsize: must be a positive whole number of steps, got 0"),
+    (lambda: Decay(0.01, 0.1, 5, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
+    (lambda: Exp(0.1, gamma=1.5), "gamma: must be in (0, 1], got 1.5"),
+    (lambda: Exp(0.1, gamma=0.0), "gamma: must be in (0, 1], got 0.0"),
+    (lambda: Exp(0.0), "base_lr: must be a positive number, got 0.0"),
+    (lambda: Exp(0.1, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
+    (lambda: Stages(()), "stages: needs at least one stage"),
+    (
+        lambda: Stages(((5, Fixed(0.1)), (0, Fixed(0.01)))),
+        "stages[1].steps: must be a positive whole number of steps, got 0",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, message", REFUSED)
+def test_bad_values_name_the_setting(make, message):
     with pytest.raises(ConfigError) as raised:
         make()
-    assert raised.value.setting == setting
+    assert str(raised.value) == message
+    assert raised.value.setting == message.split(":")[0]
+
+
+def test_the_edges_of_every_allowed_range_are_accepted():
+    Cyclic(0.01, 0.1, 1, "exp_range", gamma=1.0, base_momentum=0.0, max_momentum=0.0)
+    Cyclic(0.01, 0.1, 1, "exp_range", gamma=1e-300, base_momentum=0.9, max_momentum=0.9)
+    OneCycle(0.01, 0.1, 2, annihilate_pct=0.0, final_div=1.0, base_momentum=None, max_momentum=None)
+    Fixed(1e-300, momentum=0.0)
+    Exp(0.1, gamma=1.0)
+    Decay(0.01, 0.1, 1)
+    assert Stages(((3, Fixed(0.1)),))(7) == Hyper(0.1)  # one stage is enough
+    policy = LRRange(0.01, 0.1, 2, beta=0.0, stop_factor=1.0001, val_every=0, div=1.0001, scale=1e-300)
+    assert [policy(0).lr, policy(1).lr, policy(5).lr] == [0.01, 0.1, 0.1]
+
+
+def test_range_test_defaults_are_fastais():
+    """Smoothing 0.98, stop at 4x the best loss, the lower bound a quarter of max_lr by minimum/10."""
+    policy = LRRange(1e-4, 1.0, 100)
+    assert (policy.mode, policy.beta, policy.stop_factor, policy.val_every) == ("linear", 0.98, 4.0, 0)
+    assert (policy.rule, policy.div, policy.scale, policy.momentum) == ("minimum/10", 4.0, 1.0, None)
+
+
+def test_policy_defaults():
+    assert Cyclic(0.01, 0.1, 5) == Cyclic(0.01, 0.1, 5, "triangular", 1.0, None, None, "triangular")
+    assert OneCycle(0.01, 0.1, 5) == OneCycle(0.01, 0.1, 5, 0.1, 100.0, 0.85, 0.95)
+    assert Exp(0.1) == Exp(0.1, 0.9999, None) and Fixed(0.1).momentum is None and Decay(0.01, 0.1, 5).momentum is None
 
 
 def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
@@ -253,3 +364,13 @@ def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
     assert momentum_name(adam) == "beta1" and momentum_name(sgd) == "momentum"
     apply_hyper(adam, Hyper(0.02))  # no momentum: leave beta1 alone
     assert adam.param_groups[0]["betas"] == (0.85, 0.99) and adam.param_groups[0]["lr"] == 0.02
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [Fixed(0.1, 0.8), Exp(0.1, 0.9, 0.8), Decay(0.01, 0.1, 5, 0.8), LRRange(0.01, 1.0, 5, momentum=0.8)]
+    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8)],
+    ids=["fixed", "exp", "decay", "range_test", "range_test_exp"],
+)
+def test_a_fixed_momentum_is_applied_at_every_step(policy):
+    assert [policy(step).momentum for step in range(8)] == [0.8] * 8

@@ -198,7 +198,12 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
         compose_run(f"policy.base_lr={found['base_lr']}", f"policy.max_lr={found['max_lr']}", *common),
         tmp_path / "typed",
     )
-    assert auto.val_acc >= typed.val_acc and auto.val_acc > 0.9
+    assert auto.val_acc == typed.val_acc and auto.val_acc > 0.9  # the same bounds from the same start: the same run
+    losses = [
+        [m.value for m in sorted(client.get_metric_history(r.run_id, "train_loss"), key=lambda m: m.step)]
+        for r in (auto, typed)
+    ]
+    assert losses[0] == losses[1]
     tests = client.search_runs(
         [client.get_experiment_by_name("clrx").experiment_id], "tags.`clrx.policy` = 'range_test'"
     )

@@ -8,14 +8,14 @@ from clrx.studies.reproduce import HAND_PICKED, POLICIES, UNRESOLVED, WEIGHT_DEC
 def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     uri, client = store
     out = tmp_path / "out"
-    main(["--seeds", "2", "--epochs", "2", "--max-lrs", "0.3,1e6", "--out", str(out), f"tracking.uri={uri}"])
+    # One seed and one (diverging) hand-picked bound: the verdicts themselves are unit-tested below.
+    main(["--seeds", "1", "--epochs", "2", "--max-lrs", "1e6", "--out", str(out), f"tracking.uri={uri}"])
     text = (out / "reproduce.md").read_text()
     assert text.count("\n## ") == 4 and (out / "reproduce.png").stat().st_size > 0
     for name in POLICIES:
         assert f"| {name} | 2 | 44 |" in text and f"| {name} | 1 | 22 |" in text
     assert "seeds reached it)" in text
-    assert "| hand-picked 0.3 | 0.3 |" in text
-    assert "| hand-picked 1e+06 | 1e+06 | 0.0000 ± 0.0000 (2 diverged) |" in text  # a result, not a crash
+    assert "| hand-picked 1e+06 | 1e+06 | 0.0000 ± 0.0000 (1 diverged) |" in text  # a result, not a crash
     assert all(f"| {decay} |" in text for decay in WEIGHT_DECAYS)
     verdicts = ("| holds |", "| does not hold here |", f"| {UNRESOLVED} |")
     assert sum(text.count(verdict) for verdict in verdicts) == 2 * (len(POLICIES) - 1) + 2
@@ -25,9 +25,9 @@ def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
         [experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", run_view_type=ViewType.ALL
     )
     assert parent.info.status == "FINISHED"
-    assert len(children) == 2 * (2 * len(POLICIES) + 1 + 2 + len(WEIGHT_DECAYS))
+    assert len(children) == 2 * len(POLICIES) + 1 + 1 + len(WEIGHT_DECAYS)
     failed = [child.info.run_name for child in children if child.info.status != "FINISHED"]
-    assert sorted(failed) == ["one_cycle hand-picked 1e+06 seed 0", "one_cycle hand-picked 1e+06 seed 1"]
+    assert failed == ["one_cycle hand-picked 1e+06 seed 0"]
     assert {"reproduce.md", "reproduce.png"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
 
 

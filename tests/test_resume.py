@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -12,14 +11,20 @@ from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.training import checkpoint
 from clrx.training.run import train
-from tests.conftest import main_in_process
+from tests.conftest import ROOT, main_in_process
 
 PER_EPOCH = 1437 // 64
-EPOCHS = 4
+# Every step draws random numbers: a random crop and flip of each image and dropout in the model.
 # Identical losses after a resume are a CPU promise: GPU kernels need trainer.deterministic=true for it.
-RUN = (
+MNIST_PER_EPOCH = 64 // 8
+RANDOM_RUN = (
+    "dataset=mnist",
+    "dataset.crop_padding=2",
+    "dataset.flip=true",
+    "+model.drop_rate=0.3",
+    "trainer.batch_size=8",
     "trainer.epochs=4",
-    "trainer.checkpoint_every=5",
+    "trainer.checkpoint_every=3",
     "trainer.keep_last=3",
     "trainer.save_model=false",
     "trainer.device=cpu",
@@ -30,49 +35,44 @@ def _points(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def _start(tmp_path, uri, run_dir):
-    env = {**os.environ, "CI": "true"}
-    args = [sys.executable, "-m", "clrx", *RUN, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
-    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _kill_after_checkpoint(process, directory, step):
-    """SIGKILL the run as soon as a checkpoint at ``step`` or later exists: mid-epoch, no clean-up."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        if any(int(p.stem.split("-")[1]) >= step for p in directory.glob("step-*.pt")):
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return
-        time.sleep(0.01)
-    pytest.fail(f"no checkpoint at step {step} before the run ended: {process.stderr.read().decode()[-2000:]}")
-
-
-def test_killed_run_resumes_into_the_same_mlflow_run_with_identical_steps(tmp_path, store, monkeypatch, capsys):
+def test_killed_run_resumes_into_the_same_mlflow_run_with_identical_steps(
+    tmp_path, store, data_root, monkeypatch, capsys
+):
     uri, client = store
-    reference = train(compose_run(*RUN, "trainer.progress=false", f"tracking.uri={uri}"), tmp_path / "reference")
+    run = (*RANDOM_RUN, f"dataset.root={data_root}", f"tracking.uri={uri}")
+    reference = train(compose_run(*run, "trainer.progress=false"), tmp_path / "reference")
 
     run_dir = tmp_path / "run"
-    process = _start(tmp_path, uri, run_dir)
-    _kill_after_checkpoint(process, run_dir / checkpoint.DIRECTORY, 2 * PER_EPOCH + 5)
+    killed_at = 2 * MNIST_PER_EPOCH + 5  # 21 steps taken: mid-epoch 3, just after the checkpoint at step 21
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "helpers" / "killed_at_step.py"), str(killed_at), *run]
+        + [f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={**os.environ, "CI": "true"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     runs = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
-    [killed] = [run for run in runs if run.info.run_id != reference.run_id]
+    [killed] = [r for r in runs if r.info.run_id != reference.run_id]
     assert killed.info.status == "RUNNING"  # a SIGKILL leaves no chance to close it
-    saved = sorted(int(p.stem.split("-")[1]) for p in (run_dir / checkpoint.DIRECTORY).glob("step-*.pt"))
-    assert len(saved) == 3 and not list(run_dir.glob("checkpoints/*.partial"))
-    newest = checkpoint.path_for(run_dir / checkpoint.DIRECTORY, saved[-1])
+    # Checkpoints every 3 steps and at epoch ends (8, 16): the last three of 3, 6, 8, 9, ..., 16, 18, 21.
+    saved = sorted(p.name for p in (run_dir / checkpoint.DIRECTORY).iterdir())
+    assert saved == ["step-00000016.pt", "step-00000018.pt", "step-00000021.pt"]
+    newest = checkpoint.path_for(run_dir / checkpoint.DIRECTORY, 21)
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn: the one before must be used
 
-    resume = (*RUN, "trainer.resume=auto", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}")
+    resume = (*run, "trainer.resume=auto", f"hydra.run.dir={run_dir}")
     status, stderr = main_in_process(*resume, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, stderr
     log = (run_dir / "__main__.log").read_text()
-    assert f"{newest} cannot be read" in log and f"step {saved[-2]}" in log
+    assert f"{newest} cannot be read" in log and "step 18" in log
 
     resumed = client.get_run(killed.info.run_id)
     assert resumed.info.status == "FINISHED" and "clrx.failure" not in resumed.data.tags
-    assert f"step-{saved[-2]:08d}.pt" in resumed.data.tags["clrx.resumed_from"]
-    total = EPOCHS * PER_EPOCH
+    assert "step-00000018.pt" in resumed.data.tags["clrx.resumed_from"]
+    total = 4 * MNIST_PER_EPOCH
     for key in ("lr", "momentum", "train_loss"):
         points = _points(client, killed.info.run_id, key)
         assert [step for step, _ in points] == list(range(total)), key  # no gap, no duplicate

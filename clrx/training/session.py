@@ -74,11 +74,15 @@ class Session:
         return (total if len(micro) == 1 else total / len(micro)), outputs
 
     def policy_step(self, policy: Policy, step: int, micro: list[Batch], recorder: Recorder) -> None:
-        """Optimizer step number ``step``: the policy's values applied, the step taken and recorded."""
-        hyper = policy(step)
-        apply_hyper(self.optimizer, hyper)
+        """Optimizer step number ``step``: the policy's values applied, the step taken and recorded.
+
+        What is recorded is read back from the optimizer (its first group), so a run's log says what
+        the step used, not what the policy meant it to use.
+        """
+        apply_hyper(self.optimizer, policy(step))
+        lr, momentum = self.optimizer.param_groups[0]["lr"], applied_momentum(self.optimizer)
         loss, _ = self.step(micro)
-        recorder.record(step, hyper.lr, applied_momentum(self.optimizer), loss)
+        recorder.record(step, lr, momentum, loss)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[Batch]]:
         """The optimizer steps of epoch ``epoch`` (from 0), each a list of micro batches.
