@@ -125,6 +125,7 @@ def test_an_error_raised_while_the_config_resolves_is_its_own_line():
         OmegaConf.clear_resolver("refuse")
     assert one_line(raised.value) == "trainer.device: 2 processes on this machine but only 1 CUDA device"
 
+
 @pytest.mark.parametrize("key, least", list(LEAST.items()))
 def test_each_trainer_count_refuses_one_below_its_least_and_takes_its_least(key, least):
     trainer = TrainerConfig()

@@ -60,6 +60,8 @@ def test_experiments_open_in_the_model_training_view_unless_their_owner_chose_an
     chosen = client.create_experiment("chosen", tags={kind: "genai_development"})
     experiment_id(client, "chosen")
     assert client.get_experiment(chosen).tags[kind] == "genai_development"
+
+
 CHUNK = 12
 
 
