@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = (
     "trainer.progress",
     "trainer.log_every",
     "trainer.checkpoint_every",
+    "trainer.checkpoint_epochs",
     "trainer.keep_last",
     "trainer.save_model",
     "trainer.device",
