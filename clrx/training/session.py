@@ -91,8 +91,10 @@ class Session:
         self.train_loader.set_epoch(epoch)
         if isinstance(self.train_loader, DeviceBatches):
             micro = self.train_loader.iterate(start=skip * accumulate)
-        else:
+        elif skip:
             micro = iter(self.accelerator.skip_first_batches(self.train_loader, skip * accumulate))
+        else:
+            micro = iter(self.train_loader)
         for _ in range(self.steps_per_epoch - skip):
             yield [next(micro) for _ in range(accumulate)]
 
