@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from clrx.config.schema import CONF, main_process, register
 from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
+from clrx.range_test.suggest import bounds
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
 
 if TYPE_CHECKING:
@@ -102,8 +103,6 @@ def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
 
 
 def _report_range_test(result: Result, node: DictConfig) -> None:
-    from clrx.range_test.suggest import bounds
-
     log.info("range test: %d steps in %.1fs; suggestions:", result.steps, result.seconds)
     for rule, suggestion in result.suggestions.items():
         base = "" if suggestion.base_lr is None else f"base_lr {suggestion.base_lr:.3g}, "
