@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,10 +20,10 @@ from omegaconf import DictConfig
 from clrx.config.schema import CONF, main_process, register
 from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
-from clrx.tracking.store import default_uri, parent_run_id, record_failed_job
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
-from clrx.training.loop import Result
-from clrx.training.run import train
+
+if TYPE_CHECKING:
+    from clrx.training.loop import Result
 
 log = logging.getLogger("clrx")
 register()
@@ -43,6 +44,10 @@ def _slurm_processes() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def app(cfg: DictConfig) -> float | None:
+    # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
+    from clrx.tracking.store import default_uri, record_failed_job
+    from clrx.training.run import train
+
     _slurm_processes()
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
@@ -103,6 +108,8 @@ def job_name(num: int, overrides: list[str], limit: int = 80) -> str:
 
 
 def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
+    from clrx.tracking.store import parent_run_id
+
     tags = {
         "clrx.job": str(hydra_cfg.job.num),
         "clrx.overrides": " ".join(hydra_cfg.overrides.task),

@@ -84,7 +84,8 @@ def test_killed_run_resumes_into_the_same_mlflow_run_with_identical_steps(
 def test_resume_refuses_a_changed_schedule_and_names_what_changed(tmp_path, store):
     uri, _ = store
     run_dir = tmp_path / "run"
-    train(compose_run("trainer.epochs=1", "trainer.progress=false", f"tracking.uri={uri}"), run_dir)
+    first = ("trainer.epochs=1", "trainer.resume=auto", "trainer.progress=false")  # resumable: checkpoints on
+    train(compose_run(*first, f"tracking.uri={uri}"), run_dir)
     changed = compose_run("trainer.epochs=1", "policy.max_lr=1.0", "trainer.resume=auto", f"tracking.uri={uri}")
     expected = r"differs from checkpoint .* in policy.max_lr \(0.5 -> 1.0\); .* trainer.resume_changed=true"
     with pytest.raises(ConfigError, match=expected):
@@ -101,6 +102,16 @@ def test_checkpoints_are_kept_as_asked_and_none_are_written_with_keep_last_zero(
     assert kept == ["step-00000040.pt", "step-00000044.pt"]  # the last mid-epoch one and the end of epoch 2
     train(compose_run(*common, "trainer.keep_last=0"), tmp_path / "none")
     assert not (tmp_path / "none" / checkpoint.DIRECTORY).exists()
+
+
+def test_checkpoints_are_written_only_when_asked_for(tmp_path, store):
+    uri, _ = store
+    common = ("trainer.epochs=2", "trainer.progress=false", "trainer.save_model=false", f"tracking.uri={uri}")
+    train(compose_run(*common), tmp_path / "default")
+    assert not (tmp_path / "default" / checkpoint.DIRECTORY).exists()
+    train(compose_run(*common, "trainer.checkpoint_epochs=true"), tmp_path / "epochs")
+    saved = sorted(p.name for p in (tmp_path / "epochs" / checkpoint.DIRECTORY).iterdir())
+    assert saved == [f"step-{PER_EPOCH:08d}.pt", f"step-{2 * PER_EPOCH:08d}.pt"]
 
 
 def test_an_explicit_unreadable_checkpoint_is_an_error_not_a_fallback(tmp_path):

@@ -51,7 +51,8 @@ class TrainerConfig:
     progress: bool = True
     save_model: bool = True
     dry_run: bool = False  # print and plot the schedule, train nothing
-    checkpoint_every: int = 0  # optimizer steps between checkpoints within an epoch; 0: at epoch ends only
+    checkpoint_every: int = 0  # optimizer steps between checkpoints within an epoch (and at its end); 0: none
+    checkpoint_epochs: bool = False  # a checkpoint at every epoch end (also on with checkpoint_every or resume)
     keep_last: int = 2  # checkpoints kept in <run dir>/checkpoints; 0: write none
     resume: str | None = None  # auto (newest in the run dir, if any) or a checkpoint file or folder
     resume_changed: bool = False  # resume although the config differs from the checkpoint's

@@ -6,7 +6,7 @@ particular dataset.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +39,70 @@ class TensorImages(Dataset):
 
     def subset(self, indices: torch.Tensor) -> TensorImages:
         return TensorImages(self.images[indices], self.labels[indices])
+
+
+class DeviceBatches:
+    """Batches of a ``TensorImages`` drawn by index where the images live, without a DataLoader.
+
+    The images sit on the training device when they fit (else in pinned host memory, each batch
+    gathered there and copied without blocking), so a step neither waits for a host-to-device copy
+    nor gathers on the host. Shuffled batches follow ``torch.randperm`` seeded with seed + epoch,
+    the order of a seeded ``RandomSampler``; every process takes its slice of each global batch,
+    so the order is the same on any number of processes, and a resumed epoch starts at any batch.
+    """
+
+    def __init__(
+        self,
+        data: TensorImages,
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        processes: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        self.batch_size, self.device, self.rank, self.processes, self.seed = batch_size, device, rank, processes, seed
+        self.shuffled = seed is not None  # training: shuffled, whole batches only
+        self.images, self.labels = (_resident(part, device) for part in (data.images, data.labels))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        whole, rest = divmod(len(self.labels), self.batch_size)
+        return whole + (0 if self.shuffled or not rest else 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's share of each batch of the epoch, from batch number ``start``."""
+        count = len(self.labels)
+        if self.shuffled:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(count)
+        order = _to(order, self.images.device)  # one copy an epoch, not a step
+        for first in range(start * self.batch_size, len(self) * self.batch_size, self.batch_size):
+            share = order[first : first + self.batch_size].tensor_split(self.processes)[self.rank]
+            yield _to(self.images[share], self.device), _to(self.labels[share], self.device)
+
+
+def _resident(part: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``part`` on ``device`` if it takes at most a quarter of the free memory there, else pinned on the host."""
+    if device.type != "cuda":
+        return part.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return part.to(device) if part.nbytes <= free // 4 else part.pin_memory()
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host through pinned memory, so the host does not wait for the copy."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +142,7 @@ class Splits:
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=self.num_workers > 0 and torch.cuda.is_available(),
+            pin_memory=torch.cuda.is_available(),  # non-blocking copies to the GPU
         )
 
     def limited(self, limit_train: int | None, limit_val: int | None) -> Splits:

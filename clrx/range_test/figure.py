@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from clrx.range_test.curve import Curve
 from clrx.range_test.suggest import Suggestion, smoothed_accuracy
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 def range_figure(curve: Curve, suggestions: dict[str, Suggestion]) -> Figure:
     """Loss (raw and smoothed) and accuracy against the LR, the suggested bounds marked."""
+    from matplotlib.figure import Figure  # a second of import: only when a figure is drawn
+
     figure = Figure(figsize=(8, 7), layout="constrained")
     loss_ax, acc_ax = figure.subplots(2, 1, sharex=True)
     finite = [i for i, v in enumerate(curve.losses) if math.isfinite(v)]

@@ -3,10 +3,12 @@
     python -m clrx.studies.bench                                   # test_resnet on digits (make bench)
     python -m clrx.studies.bench model.name=resnet18 dataset=fake trainer.batch_size=128 trainer.precision=bf16
 
-Both loops train the same model, data, batch size and threads in one process; blocks of steps of
-each are timed in turn, so drifts of the machine hit both alike. A third loop, clrx's with tracking
-off, shows what MLflow costs the step. Prints a table and writes ``bench.json`` (``--out`` to
-change). Figures, not a test.
+The reference is ``clrx.studies.hand_loop``: the same model, data, augmentation, optimizer and
+one-cycle schedule written in plain PyTorch, with no clrx code on its path. Per step, blocks of
+steps of each are timed in turn in one process, so drifts of the machine hit both alike; the same
+with a model that computes next to nothing gives clrx's host overhead per step; whole runs of each
+(all epochs, evaluation, defaults) are timed from command to exit. Ratios are medians of pairs with
+95% bootstrap intervals. Prints a table and writes ``bench.json`` (``--out`` to change). Figures, not a test.
 """
 
 from __future__ import annotations
@@ -21,30 +23,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from accelerate.utils import set_seed
 from mlflow.entities import Metric
+from omegaconf import DictConfig
 
-from clrx.config.build import build_optimizer, build_policy, instantiate
+from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
-from clrx.data.splits import build_data
 from clrx.errors import user_errors
-from clrx.tracking.store import METRICS_PER_BATCH, Silent, open_store, tracked_run
+from clrx.studies.hand_loop import hand_loop
+from clrx.tracking.store import METRICS_PER_BATCH, open_store, tracked_run
 from clrx.training.recorder import Recorder
-from clrx.training.run import train
 from clrx.training.session import prepare
 
 
-def device_for(cfg) -> torch.device:
+def device_for(cfg: DictConfig) -> torch.device:
     """The device clrx's loop would train on for ``trainer.device``."""
     return torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.device != "cpu" else "cpu")
 
 
-def autocast_dtype(cfg) -> torch.dtype | None:
+def autocast_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The autocast type of ``trainer.precision``; None for full precision."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.trainer.precision)
 
@@ -55,48 +56,10 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def reference_loop(cfg, total_steps: int) -> Callable[[int], None]:
-    """The hand-written loop clrx is measured against: SGD-style optimizer, torch's OneCycleLR, no tracking.
-
-    It takes the same data, device-side augmentation and memory format as clrx's loop.
-    """
-    set_seed(cfg.trainer.seed)
-    data = build_data(cfg.dataset)
-    model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
-    device = device_for(cfg)
-    layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model.to(device, memory_format=layout).train()
-    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.policy.base_lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=cfg.policy.max_lr,
-        total_steps=total_steps,
-        div_factor=cfg.policy.max_lr / cfg.policy.base_lr,
-        anneal_strategy="linear",
-        three_phase=True,
-    )
-    loader = data.loader(data.train, cfg.trainer.batch_size, train=True)
-    dtype = autocast_dtype(cfg)
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield from loader
-
-    stream = batches()
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            images, labels = next(stream)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            images = data.pipeline(images, train=True).contiguous(memory_format=layout)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(model(images), labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-    return run
+def tiny_model(num_classes: int, in_chans: int, **_: Any) -> torch.nn.Module:
+    """A model whose compute is negligible: what is left of a step is the loop's own host time."""
+    nn = torch.nn
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_chans, num_classes))
 
 
 def _timed(run: Callable[[int], None], steps: int) -> float:
@@ -141,23 +104,88 @@ def _logging_cost(uri: str, steps: int = 20000) -> dict[str, float]:
     }
 
 
-def _startup_seconds(overrides: list[str], uri: str, workdir: Path) -> float:
-    # ``overrides`` name the store at ``uri`` that the run's training time is read back from.
-    """Command to first step: the wall time of a one-epoch run less its training time."""
-    start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "clrx", *overrides, "trainer.epochs=1", "hydra.run.dir=startup"],
-        cwd=workdir,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "CI": "true"},
-    )
-    wall = time.perf_counter() - start
+def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds a step of the hand-written loop and of clrx's (MLflow logging on), blocks timed in turn."""
+    total = block * (repeats + 1) + 1
+    session = prepare(cfg)
+    policy = build_policy(cfg.policy, session.steps_per_epoch, total)
+    reference = hand_loop(cfg, total_steps=total)
+    with tracked_run(open_store(uri), "bench", "clrx loop", {}) as tracker:
+        recorder, stream, step = Recorder(tracker, session.momentum, cfg.trainer.log_every), session.batches(), 0
+
+        def clrx_loop(steps: int) -> None:
+            nonlocal step
+            for _ in range(steps):
+                session.policy_step(policy, step, next(stream), recorder)
+                step += 1
+
+        def hand(steps: int) -> None:
+            for _ in range(steps):
+                reference.step()
+
+        loops = [("reference", hand), ("clrx", clrx_loop)]
+        for _, loop in loops:  # warm-up
+            _timed(loop, block)
+        times: dict[str, list[float]] = {name: [] for name, _ in loops}
+        for repeat in range(repeats):
+            for name, loop in loops[repeat % 2 :] + loops[: repeat % 2]:  # neither always goes first
+                times[name].append(_timed(loop, block))
+        recorder.drain()
+    return times
+
+
+def _ratios(times: dict[str, list[float]], prefix: str) -> dict[str, Any]:
+    pairs = [c / r for c, r in zip(times["clrx"], times["reference"], strict=True)]
+    return {
+        f"{prefix}reference_ms": statistics.median(times["reference"]),
+        f"{prefix}clrx_ms": statistics.median(times["clrx"]),
+        f"{prefix}ratio": statistics.median(pairs),
+        f"{prefix}ratio_95ci": _median_interval(pairs),
+    }
+
+
+def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str, Any]:
+    """Whole runs, command to exit: ``python -m clrx`` against the hand-written run, in turn.
+
+    Also ``python -c "import torch, timm"``, the floor of any such command's start-up.
+    """
+    env = {**os.environ, "CI": "true"}
     client = open_store(uri)
-    [run] = client.search_runs(
-        [client.get_experiment_by_name("clrx").experiment_id], max_results=1, order_by=["attributes.start_time DESC"]
-    )
-    return wall - run.data.metrics["train_seconds"]
+    walls: dict[str, list[float]] = {"clrx": [], "reference": [], "import": []}
+    train: dict[str, list[float]] = {"clrx": [], "reference": []}
+    commands = {
+        "clrx": [sys.executable, "-m", "clrx", *base],
+        "reference": [sys.executable, "-m", "clrx.studies.hand_loop", *base],
+        "import": [sys.executable, "-c", "import torch, timm"],
+    }
+    for run in range(runs):
+        for name in list(commands)[run % 2 :] + list(commands)[: run % 2]:
+            folder = workdir / f"{name}-{run}"
+            folder.mkdir()
+            extra = [f"hydra.run.dir={folder}"] if name == "clrx" else []
+            start = time.perf_counter()
+            done = subprocess.run(
+                [*commands[name], *extra], cwd=folder, env=env, check=True, capture_output=True, text=True
+            )
+            walls[name].append(time.perf_counter() - start)
+            if name == "reference":
+                train[name].append(json.loads(done.stdout.splitlines()[-1])["train_seconds"])
+            elif name == "clrx":
+                [latest] = client.search_runs(
+                    [client.get_experiment_by_name("clrx").experiment_id],
+                    max_results=1,
+                    order_by=["attributes.start_time DESC"],
+                )
+                train[name].append(latest.data.metrics["train_seconds"])
+    startup = {name: [w - t for w, t in zip(walls[name], train[name], strict=True)] for name in train}
+    return {
+        **_ratios({name: [w * 1000 for w in walls[name]] for name in train}, "end_to_end_"),
+        **_ratios({name: [t * 1000 for t in train[name]] for name in train}, "train_and_eval_"),
+        "startup_seconds": statistics.median(startup["clrx"]),
+        "reference_startup_seconds": statistics.median(startup["reference"]),
+        "import_torch_timm_seconds": statistics.median(walls["import"]),
+        "startup_over_import": statistics.median(s / i for s, i in zip(startup["clrx"], walls["import"], strict=True)),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, as for python -m clrx")
     parser.add_argument("--block", type=int, default=20, help="steps timed at a time")
     parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
+    parser.add_argument("--runs", type=int, default=3, help="whole runs of each, end to end")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
     with user_errors("clrx.studies.bench"):
@@ -174,61 +203,24 @@ def main(argv: list[str] | None = None) -> None:
 def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="clrx-bench-"))
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides]
-    cfg = compose_run(*base, "policy=one_cycle")
-    total = args.block * (args.repeats + 1) + 1
-
-    session = prepare(cfg)
-    policy = build_policy(cfg.policy, session.steps_per_epoch, 2 * total)
-    reference = reference_loop(cfg, total)
-    with tracked_run(open_store(uri), "bench", "clrx loop", {}) as tracker:
-        stream, step = session.batches(), 0
-
-        def clrx_loop(recorder: Recorder) -> Callable[[int], None]:
-            """clrx's steps recorded by ``recorder``; both variants advance one model and one policy."""
-
-            def run(steps: int) -> None:
-                nonlocal step
-                for _ in range(steps):
-                    session.policy_step(policy, step, next(stream), recorder)
-                    step += 1
-
-            return run
-
-        loops = [
-            ("reference", reference),
-            ("clrx", clrx_loop(Recorder(tracker, session.momentum, cfg.trainer.log_every))),
-            ("untracked", clrx_loop(Recorder(Silent(), session.momentum, cfg.trainer.log_every))),
-        ]
-        for _, loop in loops:  # warm-up
-            _timed(loop, args.block)
-        times: dict[str, list[float]] = {name: [] for name, _ in loops}
-        for repeat in range(args.repeats):
-            for name, loop in loops[repeat % 3 :] + loops[: repeat % 3]:  # none always goes first
-                times[name].append(_timed(loop, args.block))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    pairs = [c / r for c, r in zip(times["clrx"], times["reference"], strict=True)]
-    tracking = [c / u for c, u in zip(times["clrx"], times["untracked"], strict=True)]
-    range_cfg = compose_run(*base, "policy=range_test", "policy.num_iter=100")
+    base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides, "policy=one_cycle"]
+    per_step = _per_step(compose_run(*base), uri, args.block, args.repeats)
+    # The same loops around a model that computes next to nothing: the difference is clrx's host time.
+    tiny = compose_run(*base, f"model._target_={__name__}.tiny_model")
+    overhead = _per_step(tiny, uri, 10 * args.block, args.repeats)
+    extra_us = [1000 * (c - r) for c, r in zip(overhead["clrx"], overhead["reference"], strict=True)]
     results = {
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
         "overrides": base,
         "block_steps": args.block,
         "repeats": args.repeats,
-        "reference_ms_per_step": medians["reference"],
-        "clrx_ms_per_step": medians["clrx"],
-        "untracked_ms_per_step": medians["untracked"],
-        "ratio": medians["clrx"] / medians["reference"],
-        "ratio_paired_median": statistics.median(pairs),
-        "ratio_paired_95ci": _median_interval(pairs),
-        "tracking_ratio_paired_median": statistics.median(tracking),
-        "tracking_ratio_paired_95ci": _median_interval(tracking),
-        "spread_ms": {name: [min(v), max(v)] for name, v in times.items()},
+        **_ratios(per_step, "step_"),
+        "spread_ms": {name: [min(v), max(v)] for name, v in per_step.items()},
+        "host_overhead_us_per_step": statistics.median(extra_us),
+        "host_overhead_95ci": _median_interval(extra_us),
+        "tiny_model_reference_us_per_step": 1000 * statistics.median(overhead["reference"]),
+        **_end_to_end(base, uri, workdir, args.runs),
         **_logging_cost(uri),
-        "range_test_seconds_100_steps": train(range_cfg, workdir / "range_test").seconds,
-        "startup_seconds": _startup_seconds([*base, "trainer.save_model=false"], uri, workdir),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }

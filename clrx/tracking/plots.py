@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def schedule_figure(
@@ -15,6 +17,8 @@ def schedule_figure(
     momentum_name: str | None,
 ) -> Figure:
     """LR, momentum (or beta1) and, after training, the loss against the optimizer step."""
+    from matplotlib.figure import Figure  # a second of import: only when a figure is drawn
+
     panels = [("lr", lrs), (momentum_name or "momentum", momenta)] + ([("train_loss", losses)] if losses else [])
     figure = Figure(figsize=(8, 7), layout="constrained")
     axes = figure.subplots(len(panels), 1, sharex=True)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.schema import main_process
 from clrx.errors import ClrxError
-from clrx.tracking.report import report
-from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store, parent_run_id
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 # Parent runs this process opened and has not closed: a sweep that dies early closes them FAILED.
@@ -51,6 +51,8 @@ class SweepRuns(Callback):
     """Parent run at the start of a multirun, summary at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store  # MLflow: when used
+
         if not main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -75,9 +77,13 @@ class SweepRuns(Callback):
         print(f"sweep folder {sweep_dir}, parent MLflow run {run.info.run_id}", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from clrx.tracking.store import default_uri, open_store, parent_run_id
+
         sweep_dir = Path(config.hydra.sweep.dir)
         parent = parent_run_id(sweep_dir)
         if parent is not None and main_process():
+            from clrx.tracking.report import report  # figures and tables: only at a sweep's end
+
             client = open_store(config.tracking.uri or default_uri())
             report(client, parent, sweep_dir, close=True)
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]

@@ -48,6 +48,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def asked_for(trainer: Any) -> bool:
+    """Whether a run writes checkpoints: only when asked, since each pauses training to copy and write state.
+
+    ``trainer.checkpoint_epochs``, ``trainer.checkpoint_every`` or ``trainer.resume`` ask for them
+    (a run started with ``resume=auto`` can be resumed); ``trainer.keep_last=0`` turns them off.
+    """
+    asked = trainer.checkpoint_epochs or trainer.checkpoint_every > 0 or trainer.resume is not None
+    return asked and trainer.keep_last > 0
+
+
 def path_for(directory: Path, step: int) -> Path:
     return directory / f"step-{step:08d}.pt"
 

@@ -72,8 +72,7 @@ def _write_checkpoint(
     session: Session, progress: Progress, recorder: Recorder, tracker: Tracker, output_dir: Path, node: DictConfig
 ) -> None:
     """Everything to continue this run exactly, once its metrics so far are safely in the store."""
-    keep = session.cfg.trainer.keep_last
-    if not keep:
+    if not checkpoint.asked_for(session.cfg.trainer):
         return
     recorder.drain()
     tracker.sync()  # a resumed run continues right after the last point the store holds
@@ -88,7 +87,8 @@ def _write_checkpoint(
             "config": OmegaConf.to_container(session.cfg, resolve=True),
             "policy": OmegaConf.to_container(node, resolve=True),
         }
-        checkpoint.save(payload, checkpoint.path_for(output_dir / checkpoint.DIRECTORY, progress.step), keep)
+        path = checkpoint.path_for(output_dir / checkpoint.DIRECTORY, progress.step)
+        checkpoint.save(payload, path, session.cfg.trainer.keep_last)
 
 
 def fit(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
-from clrx.config.schema import check_trainer
+from clrx.config.schema import check_trainer, main_process
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
@@ -33,6 +34,7 @@ RESUMABLE_CHANGES = (
     "trainer.progress",
     "trainer.log_every",
     "trainer.checkpoint_every",
+    "trainer.checkpoint_epochs",
     "trainer.keep_last",
     "trainer.save_model",
     "trainer.device",
@@ -113,6 +115,14 @@ def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
     return output_dir / "schedule_preview.png"
 
 
+def _opening(uri: str) -> Future:
+    """The store opened in a thread (seconds of imports and schema checks) while the data loads."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clrx-store")
+    opened = pool.submit(open_store, uri)
+    pool.shutdown(wait=False)
+    return opened
+
+
 def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None) -> Result | None:
     """Build everything ``cfg`` describes, check it, then train (or range-test) one MLflow run.
 
@@ -126,6 +136,7 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
             cfg.trainer.batch_size = saved["config"]["trainer"]["batch_size"]
         _check_unchanged(cfg, saved["config"], path)
+    store = _opening(cfg.tracking.uri or default_uri()) if main_process() and not cfg.trainer.dry_run else None
     session = prepare(cfg, search_batch=resumed is None)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.dry_run:
@@ -135,8 +146,7 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         _check_momentum(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
-    main = session.accelerator.is_main_process
-    client = open_store(cfg.tracking.uri or default_uri()) if main else None
+    client = None if store is None else store.result()
     run_tags = {
         "mlflow.source.name": "clrx",
         "clrx.output_dir": str(output_dir),

@@ -1,9 +1,10 @@
 """A run's model, optimizer and data, ready on the accelerator, and the one optimizer step they take.
 
-Accelerate places the model and batches, splits each global batch over the processes and handles
-mixed precision. A global batch may be taken as several micro batches (gradient accumulation) with
-one gradient synchronization; the step counter outside counts optimizer steps, so a schedule is the
-same on any number of processes and with any accumulation.
+Accelerate places the model and handles mixed precision; in-memory datasets live on the device
+and each process draws its share of every global batch there (folder datasets come through
+Accelerate's loaders, pinned and copied without blocking). A global batch may be taken as several
+micro batches (gradient accumulation) with one gradient synchronization; the step counter outside
+counts optimizer steps, so a schedule is the same on any number of processes and with any accumulation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import check_launch, check_trainer
-from clrx.data.splits import Splits, build_data
+from clrx.data.splits import DeviceBatches, Splits, TensorImages, build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
@@ -34,6 +35,7 @@ from clrx.training.batch_size import find_batch_size
 from clrx.training.recorder import Recorder
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Batches = DeviceBatches | DataLoader  # in-memory data drawn where it lives; folders through Accelerate
 log = logging.getLogger("clrx")
 
 
@@ -46,8 +48,8 @@ class Session:
     data: Splits
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    train_loader: DataLoader
-    val_loader: DataLoader
+    train_loader: Batches
+    val_loader: Batches
     steps_per_epoch: int  # optimizer steps
     total_steps: int
     momentum: str | None
@@ -92,10 +94,12 @@ class Session:
         """
         accumulate = self.cfg.trainer.grad_accum
         self.train_loader.set_epoch(epoch)
-        loader = self.train_loader
-        if skip:
-            loader = self.accelerator.skip_first_batches(loader, skip * accumulate)
-        micro = iter(loader)
+        if isinstance(self.train_loader, DeviceBatches):
+            micro = self.train_loader.iterate(start=skip * accumulate)
+        elif skip:
+            micro = iter(self.accelerator.skip_first_batches(self.train_loader, skip * accumulate))
+        else:
+            micro = iter(self.train_loader)
         for _ in range(self.steps_per_epoch - skip):
             yield [next(micro) for _ in range(accumulate)]
 
@@ -106,17 +110,24 @@ class Session:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and top-1 accuracy over the whole set (each sample counted once)."""
+        """Validation loss and top-1 accuracy over the whole set (each sample counted once).
+
+        Sums stay on the device and are read back once, after the last batch.
+        """
         self.model.eval()
-        loss_sum, correct, count = 0.0, 0, 0
+        shared = isinstance(self.val_loader, DeviceBatches)  # each process holds its own share of a batch
+        totals = torch.zeros(2, device=self.accelerator.device, dtype=torch.float64)  # loss sum, correct
         for images, labels in self.val_loader:
             logits = self.model(self.inputs(images, train=False))
-            logits, labels = self.accelerator.gather_for_metrics((logits, labels))
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            count += len(labels)
+            if not shared:
+                logits, labels = self.accelerator.gather_for_metrics((logits, labels))
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            totals += torch.stack([loss, (logits.argmax(dim=1) == labels).sum()])
+        if shared:
+            totals = self.accelerator.reduce(totals, "sum")
         self.model.train()
-        return {"val_loss": loss_sum / count, "val_acc": correct / count}
+        loss_sum, correct = totals.tolist()
+        return {"val_loss": loss_sum / len(self.data.val), "val_acc": correct / len(self.data.val)}
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """A batch as the model takes it: augmented (training) and normalized on the device."""
@@ -178,7 +189,9 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=not launched)
     set_deterministic(trainer.deterministic)
     # Batches are global and split over the processes; an epoch's order is a function of (seed, epoch).
-    loading = DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed)
+    loading = DataLoaderConfiguration(
+        split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed, non_blocking=True
+    )
     # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
     cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
     check_launch(cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -195,7 +208,9 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
         ) from None
 
 
-def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoader, DataLoader]:
+def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tuple[Batches, Batches]:
+    """Training and validation batches: drawn where in-memory data lives, else Accelerate's loaders."""
+    processes = accelerator.num_processes
     batch, accumulate = trainer.batch_size, trainer.grad_accum
     if batch % (processes * accumulate):
         raise ConfigError(
@@ -207,9 +222,13 @@ def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoa
             "trainer.batch_size",
             f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch}",
         )
-    micro = batch // accumulate  # all processes together; Accelerate hands each its share
+    micro = batch // accumulate  # all processes together; each takes its share
+    if isinstance(data.train, TensorImages) and isinstance(data.val, TensorImages):
+        share = {"device": accelerator.device, "rank": accelerator.process_index, "processes": processes}
+        return DeviceBatches(data.train, micro, seed=trainer.seed, **share), DeviceBatches(data.val, micro, **share)
     order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
-    return data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
+    loaders = data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
+    return accelerator.prepare(*loaders)
 
 
 def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
@@ -233,7 +252,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
             accelerator, model, optimizer, data, trainer.grad_accum, trainer.max_batch_size
         )
         log.info("largest batch that trains: %d", trainer.batch_size)
-    train_loader, val_loader = accelerator.prepare(*_loaders(data, trainer, accelerator.num_processes))
+    train_loader, val_loader = _loaders(data, trainer, accelerator)
     steps_per_epoch = len(train_loader) // trainer.grad_accum
     return Session(
         cfg=cfg,
