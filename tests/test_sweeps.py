@@ -106,9 +106,9 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
         "job 0: base_lr=0.01 epochs=1",
         "job 1: base_lr=0.9 epochs=1",
     ]
-    assert f"sweep folder sweep, parent MLflow run {parent.info.run_id}\n" in done.stderr
+    assert f"sweep folder sweep, parent MLflow run {parent.info.run_id}\n" in done.stdout
     summary = "sweep summary: sweep/summary.csv, summary.md, summary.png (also under summary/ on parent MLflow run"
-    assert f"{summary} {parent.info.run_id} at {uri})" in done.stderr
+    assert f"{summary} {parent.info.run_id} at {uri})" in done.stdout
     assert "clrx.range_test" not in children[0].data.tags  # no range test behind this run
     assert client.get_experiment_by_name("clrx").tags["mlflow.experimentKind"] == "custom_model_development"
 

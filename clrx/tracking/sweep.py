@@ -8,7 +8,6 @@ the summary to the parent.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +73,7 @@ class SweepRuns(Callback):
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         _open_parents.append((client, run.info.run_id))
-        print(f"sweep folder {sweep_dir}, parent MLflow run {run.info.run_id}", file=sys.stderr)
+        print(f"sweep folder {sweep_dir}, parent MLflow run {run.info.run_id}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from clrx.tracking.store import default_uri, open_store, parent_run_id
@@ -89,8 +88,7 @@ class SweepRuns(Callback):
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
             print(
                 f"sweep summary: {sweep_dir}/summary.csv, summary.md, summary.png "
-                f"(also under summary/ on parent MLflow run {parent} at {client.tracking_uri})",
-                file=sys.stderr,
+                f"(also under summary/ on parent MLflow run {parent} at {client.tracking_uri})"
             )
 
 
