@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -65,12 +66,31 @@ def _probe_once() -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _database(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _serialized(uri: str) -> Iterator[None]:
+    """Across processes, one at a time: creating or migrating a SQLite schema, or an experiment.
+
+    Runs started together would otherwise race in MLflow's migrations and leave the store broken.
+    The lock is a file beside the database; other stores serialize these themselves.
+    """
+    database = _database(uri)
+    if database is None or not database.parent.is_dir():
+        yield
+        return
+    with FileLock(database.with_name(database.name + ".lock")):
+        yield
+
+
 def open_store(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer; a store that cannot be opened is a config error."""
     for chatty in ("mlflow.store.db.utils", "alembic"):  # schema set-up notes on a new database
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
-        with _probe_once():
+        with _probe_once(), _serialized(uri):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as error:
@@ -87,17 +107,22 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Keep a SQLite store's artifacts beside the database, wherever the run started."""
-    if not uri.startswith("sqlite:///"):
+    database = _database(uri)
+    if database is None:
         return None
-    database = Path(uri.removeprefix("sqlite:///"))
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment called ``name``, created if new (by one process, when several start at once)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
+    with _serialized(client.tracking_uri):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
 
 
 class _Writer:
