@@ -22,7 +22,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, Stopped
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
@@ -34,6 +34,7 @@ from clrx.tracking.store import Tracker
 from clrx.training import checkpoint
 from clrx.training.recorder import Recorder
 from clrx.training.session import Batch, Session
+from clrx.training.stop import STOP
 
 
 @dataclass(frozen=True)
@@ -69,12 +70,12 @@ class Progress:
 def _write_checkpoint(
     session: Session, progress: Progress, recorder: Recorder, tracker: Tracker, output_dir: Path, node: DictConfig
 ) -> None:
-    """Everything to continue this run exactly, once its metrics so far are safely in the store."""
+    """Everything to continue this run exactly, once its metrics so far are safely in the journal."""
     keep = session.cfg.trainer.keep_last
     if not keep:
         return
     recorder.drain()
-    tracker.sync()  # a resumed run continues right after the last point the store holds
+    store = tracker.persist()  # every point so far is in the journal; the store may lag or have failed
     generators = gather_object([checkpoint.rng_state()])  # every process's own
     if session.accelerator.is_main_process:
         payload = {
@@ -83,6 +84,7 @@ def _write_checkpoint(
             "rng": generators,
             "record": recorder.state(),
             "run_id": tracker.run_id,
+            "store": store,
             "config": OmegaConf.to_container(session.cfg, resolve=True),
             "policy": OmegaConf.to_container(node, resolve=True),
         }
@@ -108,6 +110,7 @@ def fit(
         trainer.log_every,
         reduce=session.reduce_mean,
         on_drain=lambda n, lr, loss: (bar.update(n), bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.4f}")),
+        lr_setting=next((f"policy.{key}" for key in ("max_lr", "lr") if key in node), "the policy's learning rates"),
     )
     if resumed is not None:
         progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__})
@@ -120,28 +123,41 @@ def fit(
         progress.seconds = time.perf_counter() - start
         _write_checkpoint(session, progress, recorder, tracker, output_dir, node)
 
+    def stop(saved: bool) -> None:
+        """A signal came: keep everything so far (a checkpoint, every point) and end here."""
+        if not saved:
+            save()
+        recorder.drain()
+        raise Stopped(STOP.signum, progress.step, output_dir if trainer.keep_last else None)
+
     start = time.perf_counter() - progress.seconds
     session.model.train()
-    for epoch in range(progress.step // per_epoch, trainer.epochs):
-        for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
-            session.policy_step(policy, progress.step, micro, recorder)
-            progress.step += 1
-            # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
-            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
-                progress.skipped += 1
-                tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
-            if trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and progress.step % per_epoch:
-                save()
-        recorder.drain()
-        if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
-            progress.scores = session.evaluate()
-            progress.best = max(progress.best, progress.scores["val_acc"])
-            epoch_loss = recorder.epoch_loss(per_epoch)
-            tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
-        if accelerator.scaler is not None:
-            amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
-            tracker.metrics(amp, progress.step)
-        save()
+    with STOP.deferred():
+        for epoch in range(progress.step // per_epoch, trainer.epochs):
+            for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
+                session.policy_step(policy, progress.step, micro, recorder)
+                progress.step += 1
+                # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
+                if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+                    progress.skipped += 1
+                    tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
+                mid_epoch = progress.step % per_epoch
+                if trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch:
+                    save()
+                if STOP.signum is not None and mid_epoch:  # at an epoch's end, its evaluation comes first
+                    stop(saved=False)
+            recorder.drain()
+            if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
+                progress.scores = session.evaluate()
+                progress.best = max(progress.best, progress.scores["val_acc"])
+                epoch_loss = recorder.epoch_loss(per_epoch)
+                tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
+            if accelerator.scaler is not None:
+                amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
+                tracker.metrics(amp, progress.step)
+            save()
+            if STOP.signum is not None and epoch + 1 < trainer.epochs:
+                stop(saved=True)
     bar.close()
     progress.seconds = time.perf_counter() - start
     totals = {"best_val_acc": progress.best, "train_seconds": progress.seconds, "steps": progress.step}

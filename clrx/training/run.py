@@ -15,12 +15,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
-from clrx.config.schema import check_trainer
+from clrx.config.schema import check_read, check_tracking, check_trainer
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
+from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import default_uri, flatten, log_config, main_run, open_store
+from clrx.tracking.store import bound_requests, default_uri, flatten, log_config, main_run, open_store
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
@@ -94,6 +95,8 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
     ``trainer.dry_run`` only the schedule is shown (and None returned).
     """
     check_trainer(cfg.trainer)
+    check_tracking(cfg.tracking)
+    check_read(cfg)
     resumed = checkpoint.find(cfg.trainer.resume, output_dir)
     if resumed is not None:
         path, saved = resumed
@@ -110,6 +113,7 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
     main = session.accelerator.is_main_process
+    bound_requests(cfg.tracking.timeout)
     client = open_store(cfg.tracking.uri or default_uri()) if main else None
     run_tags = {"mlflow.source.name": "clrx", "clrx.output_dir": str(output_dir), **(tags or {})}
     if resumed is not None and OmegaConf.to_container(cfg.policy, resolve=True) == saved["config"]["policy"]:
@@ -122,7 +126,9 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
         log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])
     resume_id = None if resumed is None else saved["run_id"]
-    with main_run(client, cfg.tracking.experiment, cfg.tracking.run_name, run_tags, resume_id) as tracker:
+    journal = output_dir / JOURNAL
+    names = cfg.tracking.experiment, cfg.tracking.run_name
+    with main_run(client, *names, run_tags, resume_id, journal, cfg.tracking.on_failure) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):
