@@ -190,6 +190,18 @@ def _loaders(data: Splits, trainer: DictConfig, processes: int) -> tuple[DataLoa
     return data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
 
 
+def _check_batch_norm(model: torch.nn.Module, trainer: DictConfig, processes: int) -> None:
+    """Batch norm cannot train on a single image: its variance over one value is undefined."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    share = processes * trainer.grad_accum
+    if trainer.batch_size // share == 1 and any(isinstance(module, norms) for module in model.modules()):
+        raise ConfigError(
+            "trainer.batch_size",
+            f"gives each process micro batches of 1 image, which the model's batch norm layers cannot train on; "
+            f"use at least {2 * share} (or a lower trainer.grad_accum)",
+        )
+
+
 def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     """Build and check everything except the policy; nothing is trained or tracked yet.
 
@@ -211,6 +223,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
             accelerator, model, optimizer, data, trainer.grad_accum, trainer.max_batch_size
         )
         log.info("largest batch that trains: %d", trainer.batch_size)
+    _check_batch_norm(model, trainer, accelerator.num_processes)
     train_loader, val_loader = accelerator.prepare(*_loaders(data, trainer, accelerator.num_processes))
     steps_per_epoch = len(train_loader) // trainer.grad_accum
     return Session(
