@@ -56,12 +56,17 @@ def _points(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def _signal_after_checkpoint(process, directory, signum):
-    """Send ``signum`` once the first checkpoint exists: the run is then mid-epoch, with steps still to go."""
+def _wait_until(process, done):
+    """Poll ``done`` while the run goes on (no fixed sleeps: the test waits for what it needs)."""
     deadline = time.monotonic() + 300
-    while not any(directory.glob("step-*.pt")):
+    while not done():
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.01)
+
+
+def _signal_after_checkpoint(process, directory, signum):
+    """Send ``signum`` once the first checkpoint exists: the run is then mid-epoch, with steps still to go."""
+    _wait_until(process, lambda: any(directory.glob("step-*.pt")))
     process.send_signal(signum)
     return process.communicate(timeout=300)[1]
 
@@ -113,17 +118,11 @@ def test_a_store_locked_mid_run_misses_nothing_once_it_answers_and_the_run_copie
     process = subprocess.Popen(
         args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 300
-    while not any((run_dir / checkpoint.DIRECTORY).glob("step-*.pt")):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
+    _wait_until(process, lambda: any((run_dir / checkpoint.DIRECTORY).glob("step-*.pt")))
     # Another program holds the database: every write of the run fails (after SQLite's busy timeout).
     blocker = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
-    log = run_dir / "__main__.log"
-    while "stopped taking writes" not in log.read_text():
-        assert time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.01)
+    _wait_until(process, lambda: "stopped taking writes" in (run_dir / "__main__.log").read_text())
     blocker.execute("COMMIT")  # it answers again: the run's end replays what it missed
     blocker.close()
     assert process.wait(timeout=300) == 0, process.stderr.read()

@@ -25,7 +25,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 ON_FAILURE = ("continue", "stop")
 MOST_EPOCHS = 1_000_000
 SEEDS = 2**32  # numpy's generators take seeds below this
-GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking")
+GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking", "sweep")  # sweep: +sweep=NAME
 URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 # A length a preset gives in one form, which a command-line value in the other form replaces.
 OTHER_FORM = {"stepsize": "stepsize_epochs", "stepsize_epochs": "stepsize"}

@@ -32,8 +32,7 @@ class Journal:
         if fresh and path.exists():
             path.rename(path.with_name(f"metrics-{read(path).run.get('run', 'earlier')}.jsonl"))
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the run's life
-        self.lines = sum(1 for _ in open(path, encoding="utf-8")) if path.stat().st_size else 0
+        self._file = open(path, "a", encoding="utf-8")  # open for the run's life
 
     def record(self, **entry: Any) -> None:
         """An object line: the run (``run``), its ``params``, ``tags``, or its ``end``."""
@@ -46,7 +45,6 @@ class Journal:
         if lines:
             self._file.write("\n".join(lines) + "\n")
             self._file.flush()  # into the OS: a killed process loses nothing it handed on
-            self.lines += len(lines)
 
     def persist(self) -> None:
         """Make everything written so far survive a crash of the machine (at checkpoints)."""

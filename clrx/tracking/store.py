@@ -182,6 +182,7 @@ class _Writer:
 
 
 def _reason(error: BaseException) -> str:
+    error = getattr(error, "orig", None) or error  # SQLAlchemy's wrapper: the database's own words
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
 
 

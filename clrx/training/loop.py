@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,7 +129,17 @@ def fit(
         if not saved:
             save()
         recorder.drain()
-        raise Stopped(STOP.signum, progress.step, output_dir if trainer.keep_last else None)
+        signum = STOP.signum or signal.SIGTERM  # another process of the launch got it
+        raise Stopped(signum, progress.step, output_dir if trainer.keep_last else None)
+
+    def stopping(at_checkpoint: bool) -> bool:
+        """Whether a signal came; several processes agree on it where they meet anyway, at checkpoints."""
+        if accelerator.num_processes == 1:
+            return STOP.signum is not None
+        if not at_checkpoint:
+            return False
+        flag = torch.tensor(float(STOP.signum is not None), device=accelerator.device)
+        return session.reduce_mean(flag).item() > 0
 
     start = time.perf_counter() - progress.seconds
     session.model.train()
@@ -142,10 +153,11 @@ def fit(
                     progress.skipped += 1
                     tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
                 mid_epoch = progress.step % per_epoch
-                if trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch:
+                saved = bool(trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch)
+                if saved:
                     save()
-                if STOP.signum is not None and mid_epoch:  # at an epoch's end, its evaluation comes first
-                    stop(saved=False)
+                if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first
+                    stop(saved)
             recorder.drain()
             if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
                 progress.scores = session.evaluate()
@@ -156,7 +168,7 @@ def fit(
                 amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
                 tracker.metrics(amp, progress.step)
             save()
-            if STOP.signum is not None and epoch + 1 < trainer.epochs:
+            if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
                 stop(saved=True)
     bar.close()
     progress.seconds = time.perf_counter() - start
