@@ -14,7 +14,7 @@ from clrx.config.schema import compose_run
 from clrx.sync import main as sync_main
 from clrx.training import checkpoint
 from clrx.training.run import train
-from tests.conftest import main_in_process
+from tests.conftest import free_port, main_in_process, start_mlflow_server
 
 TINY = ("trainer.epochs=1", "dataset.limit_train=128", "dataset.limit_val=64", "trainer.save_model=false")
 
@@ -143,3 +143,35 @@ def test_a_store_locked_mid_run_misses_nothing_once_it_answers_and_the_run_copie
     assert copy.data.params["policy.max_lr"] == run.data.params["policy.max_lr"]
     for key in ("lr", "momentum", "train_loss", "val_acc", "best_val_acc"):
         assert _points(copies, copy.info.run_id, key) == _points(client, run.info.run_id, key), key
+
+
+def test_a_server_down_mid_run_is_one_line_and_resume_completes_the_run(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "clrx", *STOPPABLE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(
+        args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    _wait_until(process, lambda: any((run_dir / checkpoint.DIRECTORY).glob("step-*.pt")))
+    os.killpg(server.pid, signal.SIGTERM)  # the server goes away, workers and all
+    server.wait(timeout=60)
+    process.send_signal(signal.SIGTERM)  # stopped (or, on a fast machine, already at its end): either way
+    [line] = process.communicate(timeout=300)[1].strip().splitlines()  # the store is gone: one line says so
+    assert process.returncode == 2 and line.startswith(f"clrx: error: tracking.uri: the MLflow store {uri} "), line
+    assert f"every point is kept in {run_dir / 'metrics.jsonl'}" in line
+
+    server = start_mlflow_server(tmp_path, port)  # back, on the same database
+    try:
+        resume = [*args, "trainer.resume=auto"]
+        done = subprocess.run(resume, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
+        client = MlflowClient(uri)
+        [run] = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
+        assert run.info.status == "FINISHED"
+        for key in ("lr", "momentum", "train_loss"):
+            assert [step for step, _ in _points(client, run.info.run_id, key)] == list(range(STEPS)), key
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

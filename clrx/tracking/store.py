@@ -1,8 +1,9 @@
 """MLflow tracking that never makes a training step wait.
 
-Per-step values are buffered in memory and handed, in chunks of up to 1000 metrics, to a writer
-thread that calls ``log_batch``; ``finish`` waits for every chunk before closing the run, so after
-a run the store holds exactly the points that were recorded. The writer runs at the lowest CPU
+Per-step values are buffered in memory and handed, in chunks of up to 1000 metrics, to the run's
+journal (``clrx.tracking.journal``) and then to a writer thread that calls ``log_batch``; ``finish``
+waits for every chunk and replays from the journal whatever a failing store missed before closing
+the run, so after a run the store holds exactly the points that were recorded. The writer runs at the lowest CPU
 priority: on a small machine, a store busy inserting rows must not take a core from the
 training step's own threads.
 """
@@ -32,8 +33,8 @@ from clrx.tracking.journal import Journal, read, replay, stored_steps
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
-PARENT_FILE = "mlflow_parent_run"
-log = logging.getLogger("clrx")  # in a sweep's folder: the id of the sweep's parent run
+PARENT_FILE = "mlflow_parent_run"  # in a sweep's folder: the id of the sweep's parent run
+log = logging.getLogger("clrx")
 
 
 def default_uri() -> str:

@@ -143,33 +143,32 @@ def fit(
 
     start = time.perf_counter() - progress.seconds
     session.model.train()
-    with STOP.deferred():
-        for epoch in range(progress.step // per_epoch, trainer.epochs):
-            for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
-                session.policy_step(policy, progress.step, micro, recorder)
-                progress.step += 1
-                # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
-                if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
-                    progress.skipped += 1
-                    tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
-                mid_epoch = progress.step % per_epoch
-                saved = bool(trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch)
-                if saved:
-                    save()
-                if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first
-                    stop(saved)
-            recorder.drain()
-            if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
-                progress.scores = session.evaluate()
-                progress.best = max(progress.best, progress.scores["val_acc"])
-                epoch_loss = recorder.epoch_loss(per_epoch)
-                tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
-            if accelerator.scaler is not None:
-                amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
-                tracker.metrics(amp, progress.step)
-            save()
-            if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
-                stop(saved=True)
+    for epoch in range(progress.step // per_epoch, trainer.epochs):
+        for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
+            session.policy_step(policy, progress.step, micro, recorder)
+            progress.step += 1
+            # A skipped fp16 step still counts: the schedule follows iterations, as in the papers.
+            if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
+                progress.skipped += 1
+                tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
+            mid_epoch = progress.step % per_epoch
+            saved = bool(trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch)
+            if saved:
+                save()
+            if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first
+                stop(saved)
+        recorder.drain()
+        if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
+            progress.scores = session.evaluate()
+            progress.best = max(progress.best, progress.scores["val_acc"])
+            epoch_loss = recorder.epoch_loss(per_epoch)
+            tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
+        if accelerator.scaler is not None:
+            amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
+            tracker.metrics(amp, progress.step)
+        save()
+        if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
+            stop(saved=True)
     bar.close()
     progress.seconds = time.perf_counter() - start
     totals = {"best_val_acc": progress.best, "train_seconds": progress.seconds, "steps": progress.step}

@@ -26,6 +26,7 @@ from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
 from clrx.training.session import Session, prepare
+from clrx.training.stop import STOP
 
 # Settings a resumed run may change: where and how it reports, not what it computes.
 RESUMABLE_CHANGES = (
@@ -135,4 +136,5 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
-        return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)
+        with STOP.deferred():  # a signal ends training at a step boundary, with a checkpoint
+            return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)
