@@ -138,7 +138,7 @@ def fit(
             return STOP.signum is not None
         if not at_checkpoint:
             return False
-        flag = torch.tensor(float(STOP.signum is not None), device=accelerator.device)
+        flag = torch.tensor([float(STOP.signum is not None)], device=accelerator.device)
         return session.reduce_mean(flag).item() > 0
 
     start = time.perf_counter() - progress.seconds
