@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clrx.config.schema import CONF, main_process, prefer_given, register
+from clrx.config.schema import CONF, check_added, main_process, prefer_given, register
 from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.store import default_uri, parent_run_id, record_failed_job
@@ -52,6 +52,7 @@ def app(cfg: DictConfig) -> float | None:
     _started = True
     _slurm_processes()
     hydra_cfg = HydraConfig.get()
+    check_added(hydra_cfg.overrides.task)
     prefer_given(cfg, hydra_cfg.overrides.task)
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)

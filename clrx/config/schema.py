@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -25,7 +26,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 ON_FAILURE = ("continue", "stop")
 MOST_EPOCHS = 1_000_000
 SEEDS = 2**32  # numpy's generators take seeds below this
-GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking", "sweep")  # sweep: +sweep=NAME
+GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking", "sweep")  # +sweep=NAME
 URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 # A length a preset gives in one form, which a command-line value in the other form replaces.
 OTHER_FORM = {"stepsize": "stepsize_epochs", "stepsize_epochs": "stepsize"}
@@ -110,22 +111,30 @@ def _check_uri(uri: str) -> None:
         raise ConfigError("tracking.uri", f"{what}; give a file: sqlite:///abs/path/mlflow.db, got {uri!r}")
 
 
-def check_read(cfg: DictConfig) -> None:
-    """Refuse a setting no part of clrx reads (a ``+key`` with a typo), naming close ones.
+def check_added(overrides: Iterable[str]) -> None:
+    """Refuse a ``+key`` no part of clrx reads (a typo), naming close ones.
 
     Model, dataset, policy and optimizer settings are checked by what they build (timm models
-    take extra keys); the groups and the trainer's and tracking's settings are checked here.
+    take extra keys); the top level and the trainer's and tracking's settings are checked here.
     """
-    known = {"": GROUPS, "trainer": TrainerConfig.__dataclass_fields__, "tracking": TrackingConfig.__dataclass_fields__}
-    for group, names in known.items():
-        node = cfg if not group else cfg[group]
-        for key in node:
-            if key not in names:
-                full = f"{group}.{key}".lstrip(".")
-                close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
-                label = "close names" if close else "settings"
-                listed = ", ".join(f"{group}.{name}".lstrip(".") for name in (close or names))
-                raise ConfigError(full, f"no part of clrx reads this setting; {label}: {listed}")
+    fields = {"trainer": TrainerConfig.__dataclass_fields__, "tracking": TrackingConfig.__dataclass_fields__}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if not key.startswith("+") or "/" in key or "@" in key:  # a group choice, such as +sweep=NAME
+            continue
+        group, _, rest = key.lstrip("+").partition(".")
+        if group not in GROUPS:
+            _refuse(group, "", GROUPS)
+        name = rest.split(".")[0]
+        if group in fields and name not in fields[group]:
+            _refuse(name, f"{group}.", list(fields[group]))
+
+
+def _refuse(name: str, prefix: str, names: Sequence[str]) -> NoReturn:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    label = "close names" if close else "settings"
+    listed = ", ".join(f"{prefix}{each}" for each in (close or names))
+    raise ConfigError(f"{prefix}{name}", f"no part of clrx reads this setting; {label}: {listed}")
 
 
 def prefer_given(cfg: DictConfig, overrides: Iterable[str]) -> None:
@@ -143,6 +152,7 @@ def compose_run(*overrides: str, return_hydra: bool = False) -> DictConfig:
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
+    check_added(overrides)
     prefer_given(cfg, overrides)
     return cfg
 

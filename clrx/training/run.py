@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
-from clrx.config.schema import check_read, check_tracking, check_trainer
+from clrx.config.schema import check_tracking, check_trainer
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
@@ -97,7 +97,6 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
     """
     check_trainer(cfg.trainer)
     check_tracking(cfg.tracking)
-    check_read(cfg)
     resumed = checkpoint.find(cfg.trainer.resume, output_dir)
     if resumed is not None:
         path, saved = resumed
