@@ -52,8 +52,6 @@ def app(cfg: DictConfig) -> float | None:
     _started = True
     _slurm_processes()
     hydra_cfg = HydraConfig.get()
-    check_added(hydra_cfg.overrides.task)
-    prefer_given(cfg, hydra_cfg.overrides.task)
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)
     choices = hydra_cfg.runtime.choices.items()  # group@package: tagged by the package it fills
@@ -62,6 +60,8 @@ def app(cfg: DictConfig) -> float | None:
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))
     try:
+        check_added(hydra_cfg.overrides.task)
+        prefer_given(cfg, hydra_cfg.overrides.task)
         with STOP.installed():
             result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
     except ClrxError as error:
