@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clrx.config.schema import CONF, main_process, register
-from clrx.errors import USER_ERRORS, ClrxError, TrainingDiverged, exit_with, one_line
+from clrx.config.schema import CONF, check_added, main_process, prefer_given, register
+from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
+from clrx.training.stop import STOP
 
 if TYPE_CHECKING:
     from clrx.training.loop import Result
 
 log = logging.getLogger("clrx")
+_started = False  # whether Hydra got as far as the job: before it, an OSError is its output folder
 register()
 register_sweeps()
 
@@ -48,6 +52,8 @@ def app(cfg: DictConfig) -> float | None:
     from clrx.tracking.store import default_uri, record_failed_job
     from clrx.training.run import train
 
+    global _started
+    _started = True
     _slurm_processes()
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
@@ -60,7 +66,10 @@ def app(cfg: DictConfig) -> float | None:
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))
     try:
-        result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
+        check_added(hydra_cfg.overrides.task)
+        prefer_given(cfg, hydra_cfg.overrides.task)
+        with STOP.installed():
+            result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
     except ClrxError as error:
         if not in_sweep:
             exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
@@ -143,12 +152,30 @@ def main() -> None:
         app()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    global _started
+    _started = False
     try:
         app()
     except USER_ERRORS as error:
         message = one_line(error)
         abort_open_sweeps(message)
         exit_with("clrx", message, 2)
+    except OSError as error:
+        if _started:
+            raise
+        where = "hydra.sweep.dir" if "-m" in sys.argv or "--multirun" in sys.argv else "hydra.run.dir"
+        problem = f"cannot create or write {error.filename}: {error.strerror}; choose a folder clrx can write"
+        exit_with("clrx", f"{where}: {problem}", 2)
+    except KeyboardInterrupt:  # Ctrl-C before a run's signal handlers were installed
+        _stopped(Stopped(signal.SIGINT))
+    except Stopped as stopped:
+        _stopped(stopped)
+
+
+def _stopped(stopped: Stopped) -> NoReturn:
+    abort_open_sweeps(str(stopped))
+    print(f"clrx: {stopped.message()}", file=sys.stderr)
+    sys.exit(stopped.status)
 
 
 if __name__ == "__main__":

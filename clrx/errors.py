@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 from hydra.errors import HydraException, MissingConfigException
@@ -36,6 +38,29 @@ def check_positive_whole(setting: str, value: object, unit: str = "") -> None:
 
 class TrainingDiverged(ClrxError):
     """The loss stopped being finite; the run is marked FAILED with this reason."""
+
+
+class Stopped(BaseException):
+    """A signal asked the run to stop: not an error, so nothing catches it on the way out but the CLI."""
+
+    def __init__(self, signum: int, step: int | None = None, resume_dir: Path | None = None) -> None:
+        self.signum, self.step, self.resume_dir = signum, step, resume_dir
+        super().__init__(signum, step, resume_dir)
+
+    @property
+    def status(self) -> int:
+        """The shell's convention for a process ended by a signal."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        where = "" if self.step is None else f" at step {self.step}"
+        return f"stopped by {signal.Signals(self.signum).name}{where}"
+
+    def message(self) -> str:
+        """What the CLI prints: where it stopped and, if a checkpoint was written, how to go on."""
+        if self.resume_dir is None:
+            return str(self)
+        return f"{self}; resume with trainer.resume=auto hydra.run.dir={self.resume_dir}"
 
 
 USER_ERRORS = (HydraException, OmegaConfBaseException, ClrxError)

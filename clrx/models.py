@@ -72,6 +72,9 @@ def create_model(
         close = difflib.get_close_matches(str(name), timm.list_models(), n=5, cutoff=0.6)
         hint = f"close names: {', '.join(close)}" if close else "see timm.list_models() for names"
         raise ConfigError("name", f"{name!r} is not a timm model; {hint}")
+    for key, value in kwargs.items():
+        if key.endswith("drop_rate") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(key, f"is a probability: must be in [0, 1), got {value!r}")
     if pretrained is not None and not isinstance(pretrained, str):
         raise ConfigError("pretrained", f"must be the path of a local weights file or null, got {pretrained!r}")
     try:

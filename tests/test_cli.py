@@ -11,6 +11,7 @@ import torch
 from mlflow.entities import ViewType
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
 from clrx.schedules.policies import Cyclic, Decay, OneCycle
 from clrx.training.run import train, turning_points
@@ -163,6 +164,29 @@ BAD_INPUT = [
     (["dataset=cifar10", "dataset.root={blocked}_none"], "dataset.root: CIFAR-10 files"),
     (["dataset=imagefolder"], "dataset.root: has no value; set it on the command line, e.g. dataset.root=..."),
     (["model.pretrained={blocked}_none"], "model.pretrained"),
+    (
+        ["policy=multistage", "policy.stages=5"],
+        "policy.stages: must be a list of stages, each {steps or epochs, policy}",
+    ),
+    (["policy=multistage", "policy.stages.0.epochs=null"], "policy.stages[0].steps: every stage but the last needs"),
+    (["hydra.run.dir=/proc/x"], "hydra.run.dir: cannot create or write /proc/x"),
+    (["trainer.seed=-1"], "trainer.seed: must be in [0, 2**32 - 1], got -1"),
+    (["trainer.seed=99999999999"], "trainer.seed: must be in [0, 2**32 - 1], got 99999999999"),
+    (["trainer.epochs=99999999999999999999999"], "trainer.epochs: must be at most 1,000,000"),
+    (["optimizer._target_=torch.optim.adam"], "optimizer._target_: 'torch.optim.adam' is a module, not a class"),
+    (["optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov: needs optimizer.momentum above 0"),
+    (["+model.drop_rate=2"], "model.drop_rate: is a probability: must be in [0, 1), got 2"),
+    (["trainer.batch_size=1"], "trainer.batch_size: gives each process micro batches of 1 image"),
+    (["trainer.batch_size=2", "trainer.grad_accum=2"], "batch norm layers cannot train on; use at least 4"),
+    (["tracking.experiment=''"], "tracking.experiment: must name an experiment"),
+    (["tracking.uri=sqlite://"], "tracking.uri: an in-memory store forgets the run when clrx exits"),
+    (["tracking.uri={blocked}.db"], "tracking.uri: must be a store URI such as sqlite:///"),
+    (["+trainer.epoch=3"], "trainer.epoch: no part of clrx reads this setting; close names: trainer.epochs"),
+    (
+        ["+tracking.experimnt=x"],
+        "tracking.experimnt: no part of clrx reads this setting; close names: tracking.experiment",
+    ),
+    (["+polcy.max_lr=1"], "polcy: no part of clrx reads this setting; close names: policy"),
 ]
 
 
@@ -177,10 +201,9 @@ def test_bad_input_is_one_line_before_any_run_starts(tmp_path, store, monkeypatc
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     args = [o.format(blocked=blocked) for o in overrides]
-    tracking = [] if args[0].startswith("tracking") else [f"tracking.uri={uri}"]
-    status, stderr = main_in_process(
-        *args, *tracking, f"hydra.run.dir={tmp_path}/run", monkeypatch=monkeypatch, capsys=capsys
-    )
+    tracking = [] if any(a.startswith("tracking.uri") for a in args) else [f"tracking.uri={uri}"]
+    run_dir = [] if any(a.startswith("hydra.run.dir") for a in args) else [f"hydra.run.dir={tmp_path}/run"]
+    status, stderr = main_in_process(*args, *tracking, *run_dir, monkeypatch=monkeypatch, capsys=capsys)
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1, stderr
     assert lines[0].startswith("clrx: error: ") and expected in lines[0]
@@ -203,7 +226,8 @@ def test_a_diverging_run_stops_and_is_marked_failed_with_the_reason(tmp_path, st
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1
     *bar, line, end = done.stderr.split("\n")  # the progress bar was drawn, then closed: the reason has its line
-    assert "step" in "".join(bar) and line.startswith("clrx: error: ") and "loss became" in line and end == ""
+    assert "step" in "".join(bar) and line.startswith("clrx: error: ") and end == ""
+    assert "loss became" in line and "(policy.lr)" in line, done.stderr
     [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
     assert run.info.status == "FAILED" and "loss became" in run.data.tags["clrx.failure"]
 
@@ -285,3 +309,12 @@ def test_the_scripts_bad_input_is_one_line(tmp_path, store, monkeypatch, capsys,
     assert exited.value.code == 2 and expected in lines[-1], lines
     assert sum("error:" in line for line in lines) == 1  # after argparse's usage, if any: no traceback
     assert _no_runs(client)
+
+
+def test_a_length_given_on_the_command_line_wins_over_the_presets_other_form(tmp_path, store, monkeypatch, capsys):
+    uri, _ = store
+    args = ("policy=triangular", "policy.stepsize=200", "trainer.dry_run=true", f"tracking.uri={uri}")
+    status, stderr = main_in_process(*args, f"hydra.run.dir={tmp_path}/run", monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, stderr
+    cfg = compose_run(*args)
+    assert build_policy(cfg.policy, STEPS_PER_EPOCH, 8 * STEPS_PER_EPOCH).stepsize == 200

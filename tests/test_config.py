@@ -70,7 +70,7 @@ def test_one_cycle_spans_the_run_unless_told_otherwise():
 @pytest.mark.parametrize(
     "overrides, setting",
     [
-        (["policy=triangular", "policy.stepsize=5"], "policy.stepsize"),
+        (["policy=triangular", "policy.stepsize=5", "policy.stepsize_epochs=2"], "policy.stepsize"),  # both given
         (["policy=triangular", "policy.stepsize_epochs=0"], "policy.stepsize_epochs"),
         (["+policy.warmup=3"], "policy.warmup"),
         (["policy._target_=clrx.schedules.policies.Nope"], "policy._target_"),

@@ -1,11 +1,6 @@
 """Real Hydra multiruns: one MLflow parent run, complete children, a summary that lists every job."""
 
 import csv
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.entities import ViewType
@@ -17,7 +12,7 @@ from clrx.config.schema import compose_run
 from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
 from clrx.tracking.store import PARENT_FILE
-from tests.conftest import main_in_process, run_cli
+from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server
 
 STEPS_PER_EPOCH = 1437 // 64
 
@@ -205,41 +200,10 @@ def test_bad_sweeps_are_one_line_and_leave_no_parent_running(tmp_path, store, mo
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1, stopped after the test."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -35,9 +35,12 @@ def _target(group: str, settings: dict[str, Any]) -> Any:
     if not isinstance(path, str):
         raise ConfigError(f"{group}._target_", "must name the class or function to build")
     try:
-        return get_object(path)
+        target = get_object(path)
     except Exception:
         raise ConfigError(f"{group}._target_", f"cannot import {path!r}") from None
+    if not callable(target):
+        raise ConfigError(f"{group}._target_", f"{path!r} is a {type(target).__name__}, not a class or function")
+    return target
 
 
 def instantiate(
@@ -102,14 +105,19 @@ def build_policy(
         _epochs_to_steps(settings, "stepsize", "stepsize_epochs", group, steps_per_epoch)
         return instantiate(settings, group, defaults={"total_steps": total_steps, "num_iter": total_steps})
     stages, start = [], 0
-    entries = settings["stages"] or []
+    entries = settings["stages"]
+    if not isinstance(entries, list) or not entries or not all(isinstance(stage, dict) for stage in entries):
+        problem = f"must be a list of stages, each {{steps or epochs, policy}}; got {entries!r}"
+        raise ConfigError(f"{group}.stages", problem)
     for index, stage in enumerate(entries):
         key, stage = f"{group}.stages[{index}]", dict(stage)
         unknown = set(stage) - {"steps", "epochs", "policy"}
         if unknown:
             raise ConfigError(f"{key}.{min(unknown)}", "is not a stage setting; settings: steps, epochs, policy")
         _epochs_to_steps(stage, "steps", "epochs", key, steps_per_epoch)
-        if stage.get("steps") is None and index == len(entries) - 1:
+        if stage.get("steps") is None:
+            if index < len(entries) - 1:
+                raise ConfigError(f"{key}.steps", "every stage but the last needs a length: steps or epochs")
             stage["steps"] = max(1, total_steps - start)
         if not isinstance(stage.get("policy"), dict):
             raise ConfigError(f"{key}.policy", "each stage needs a policy node with a _target_")
@@ -132,6 +140,8 @@ def build_optimizer(node: DictConfig, model: torch.nn.Module, lr: float) -> torc
     for index, value in enumerate(settings.get("betas") or ()):
         if not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ConfigError(f"optimizer.betas[{index}]", f"must be in [0, 1), got {value!r}")
+    if settings.get("nesterov") and not (settings.get("momentum") or 0) > 0:
+        raise ConfigError("optimizer.nesterov", "needs optimizer.momentum above 0; set a momentum or nesterov=false")
     decay = settings.get("weight_decay")
     if decay is not None and not (isinstance(decay, (int, float)) and decay >= 0):
         raise ConfigError("optimizer.weight_decay", f"must be a number >= 0, got {decay!r}")

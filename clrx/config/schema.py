@@ -6,10 +6,13 @@ key); the value ranges that types cannot express are checked by ``check_trainer`
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -20,6 +23,13 @@ from clrx.errors import ConfigError
 CONF = Path(__file__).resolve().parents[2] / "conf"  # absolute: the same for `python -m`, scripts and tests
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
+ON_FAILURE = ("continue", "stop")
+MOST_EPOCHS = 1_000_000
+SEEDS = 2**32  # numpy's generators take seeds below this
+GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking", "sweep")  # +sweep=NAME
+URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+# A length a preset gives in one form, which a command-line value in the other form replaces.
+OTHER_FORM = {"stepsize": "stepsize_epochs", "stepsize_epochs": "stepsize"}
 # The smallest value each numeric trainer setting takes.
 LEAST = {
     "epochs": 1,
@@ -63,22 +73,90 @@ class TrackingConfig:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
     experiment: str = "clrx"
     run_name: str | None = None
+    timeout: int = 20  # seconds one call to an MLflow server may take, retries included
+    on_failure: str = "continue"  # a store that stops taking writes: continue (points kept in the journal) or stop
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
     for key, least in LEAST.items():
         if getattr(trainer, key) < least:
             raise ConfigError(f"trainer.{key}", f"must be at least {least}, got {getattr(trainer, key)}")
+    if trainer.epochs > MOST_EPOCHS:
+        raise ConfigError("trainer.epochs", f"must be at most {MOST_EPOCHS:,}, got {trainer.epochs}")
+    if not 0 <= trainer.seed < SEEDS:
+        raise ConfigError("trainer.seed", f"must be in [0, 2**32 - 1], got {trainer.seed}")
     for key, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
         if getattr(trainer, key) not in allowed:
             raise ConfigError(f"trainer.{key}", f"must be one of {', '.join(allowed)}, got {getattr(trainer, key)!r}")
+
+
+def check_tracking(tracking: TrackingConfig) -> None:
+    if not tracking.experiment.strip():
+        raise ConfigError("tracking.experiment", "must name an experiment, got an empty name")
+    if tracking.uri is not None:
+        _check_uri(tracking.uri)
+    if tracking.timeout < 1:
+        raise ConfigError("tracking.timeout", f"must be at least 1 (seconds), got {tracking.timeout}")
+    if tracking.on_failure not in ON_FAILURE:
+        raise ConfigError("tracking.on_failure", f"must be one of {', '.join(ON_FAILURE)}, got {tracking.on_failure!r}")
+
+
+def _check_uri(uri: str) -> None:
+    scheme, colon, rest = uri.partition(":")
+    if not colon or scheme.split("+")[0] not in URI_SCHEMES:
+        example = (
+            f"sqlite:///{Path(uri).expanduser().resolve()}" if uri.endswith(".db") else "sqlite:///abs/path/mlflow.db"
+        )
+        raise ConfigError("tracking.uri", f"must be a store URI such as {example} or http://host:5000, got {uri!r}")
+    if scheme == "sqlite" and (not rest.startswith("///") or rest == "///"):
+        what = "an in-memory store forgets the run when clrx exits" if rest in ("", "//") else "no database file"
+        raise ConfigError("tracking.uri", f"{what}; give a file: sqlite:///abs/path/mlflow.db, got {uri!r}")
+
+
+def check_added(overrides: Iterable[str]) -> None:
+    """Refuse a ``+key`` no part of clrx reads (a typo), naming close ones.
+
+    Model, dataset, policy and optimizer settings are checked by what they build (timm models
+    take extra keys); the top level and the trainer's and tracking's settings are checked here.
+    """
+    fields = {"trainer": TrainerConfig.__dataclass_fields__, "tracking": TrackingConfig.__dataclass_fields__}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if not key.startswith("+") or "/" in key or "@" in key:  # a group choice, such as +sweep=NAME
+            continue
+        group, _, rest = key.lstrip("+").partition(".")
+        if group not in GROUPS:
+            _refuse(group, "", GROUPS)
+        name = rest.split(".")[0]
+        if group in fields and name not in fields[group]:
+            _refuse(name, f"{group}.", list(fields[group]))
+
+
+def _refuse(name: str, prefix: str, names: Sequence[str]) -> NoReturn:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    label = "close names" if close else "settings"
+    listed = ", ".join(f"{prefix}{each}" for each in (close or names))
+    raise ConfigError(f"{prefix}{name}", f"no part of clrx reads this setting; {label}: {listed}")
+
+
+def prefer_given(cfg: DictConfig, overrides: Iterable[str]) -> None:
+    """A length given on the command line wins over the preset's other form of it (stepsize_epochs, stepsize)."""
+    given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    for key in given:
+        group, _, name = key.rpartition(".")
+        other = f"{group}.{OTHER_FORM.get(name)}"
+        if group and name in OTHER_FORM and other not in given and OmegaConf.select(cfg, other) is not None:
+            OmegaConf.update(cfg, other, None)
 
 
 def compose_run(*overrides: str, return_hydra: bool = False) -> DictConfig:
     """The config ``python -m clrx OVERRIDES`` composes, for code that runs clrx without its CLI."""
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra)
+    check_added(overrides)
+    prefer_given(cfg, overrides)
+    return cfg
 
 
 def main_process() -> bool:

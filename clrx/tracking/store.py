@@ -1,8 +1,9 @@
 """MLflow tracking that never makes a training step wait.
 
-Per-step values are buffered in memory and handed, in chunks of up to 1000 metrics, to a writer
-thread that calls ``log_batch``; ``finish`` waits for every chunk before closing the run, so after
-a run the store holds exactly the points that were recorded. The writer runs at the lowest CPU
+Per-step values are buffered in memory and handed, in chunks of up to 1000 metrics, to the run's
+journal (``clrx.tracking.journal``) and then to a writer thread that calls ``log_batch``; ``finish``
+waits for every chunk and replays from the journal whatever a failing store missed before closing
+the run, so after a run the store holds exactly the points that were recorded. The writer runs at the lowest CPU
 priority: on a small machine, a store busy inserting rows must not take a core from the
 training step's own threads.
 """
@@ -22,11 +23,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, Stopped
+from clrx.tracking.journal import Journal, read, replay, stored_steps
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -37,6 +40,7 @@ PARAM_VALUE_LIMIT = 6000
 PARENT_FILE = "mlflow_parent_run"  # in a sweep's folder: the id of the sweep's parent run
 # The experiment tag by which MLflow 3's UI picks an experiment's view, and its value for training.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+log = logging.getLogger("clrx")
 
 
 def default_uri() -> str:
@@ -71,12 +75,46 @@ def _probe_once() -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _database(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextmanager
+def _serialized(uri: str) -> Iterator[None]:
+    """Across processes, one at a time: creating or migrating a SQLite schema, or an experiment.
+
+    Runs started together would otherwise race in MLflow's migrations and leave the store broken.
+    The lock is a file beside the database; other stores serialize these themselves.
+    """
+    database = _database(uri)
+    if database is None or not database.parent.is_dir():
+        yield
+        return
+    with FileLock(database.with_name(database.name + ".lock")):
+        yield
+
+
+def bound_requests(timeout: int) -> None:
+    """Let one call to an MLflow server take at most about ``timeout`` seconds, retries included.
+
+    MLflow's own defaults retry for minutes; a training run would stall that long on a server
+    that went away. Three attempts with short back-offs, each given a third of the rest.
+    """
+    os.environ.update(
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+        MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0",
+        MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, (timeout - 3) // 3)),
+    )
+
+
 def open_store(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer; a store that cannot be opened is a config error."""
-    for chatty in ("mlflow.store.db.utils", "alembic"):  # schema set-up notes on a new database
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema set-up notes on a new database
+    # Set-up notes, and a traceback for every failed query: the failure reaches clrx, which says it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
-        with _probe_once():
+        with _probe_once(), _serialized(uri):
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
     except Exception as error:
@@ -93,31 +131,41 @@ def parent_run_id(sweep_dir: str | Path) -> str | None:
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Keep a SQLite store's artifacts beside the database, wherever the run started."""
-    if not uri.startswith("sqlite:///"):
+    database = _database(uri)
+    if database is None:
         return None
-    database = Path(uri.removeprefix("sqlite:///"))
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if new; marked as model training so that MLflow 3's UI opens it
-    on its runs and charts, not on its GenAI traces (a user's own choice of kind is kept)."""
+    """The experiment's id, created if new (by one process, when several start at once); marked as
+    model training so that MLflow 3's UI opens it on its runs and charts, not on its GenAI traces (a
+    user's own choice of kind is kept)."""
     found = client.get_experiment_by_name(name)
     if found is None:
-        location = _artifact_location(client.tracking_uri, name)
-        return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        with _serialized(client.tracking_uri):
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                location = _artifact_location(client.tracking_uri, name)
+                tags = {EXPERIMENT_KIND: MODEL_TRAINING}
+                return client.create_experiment(name, artifact_location=location, tags=tags)
     if EXPERIMENT_KIND not in found.tags:
         client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return found.experiment_id
 
 
 class _Writer:
-    """A low-priority thread that writes metric chunks to the store in the order given."""
+    """A low-priority thread that writes metric chunks to the store in the order given.
+
+    At the first write the store refuses it stops writing: the chunks after it stay in the
+    journal, to be replayed, so the store always holds a prefix of the run's points.
+    """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self.chunks: queue.Queue[list[tuple[str, float, int, int]] | None] = queue.Queue()
         self.error: BaseException | None = None
+        self.stored = 0  # points the store took
         self.thread = threading.Thread(target=self._run, name="clrx-mlflow-writer", daemon=True)
         self.thread.start()
 
@@ -128,30 +176,49 @@ class _Writer:
             try:
                 if self.error is None:  # MLflow's entities are built here, off the training thread
                     self.client.log_batch(self.run_id, metrics=[Metric(*point) for point in chunk])
-            except BaseException as error:  # reported by close(), on the training thread
-                self.error = error
+                    self.stored += len(chunk)
+            except Exception as error:  # reported on the training thread
+                self.failed(error)
             finally:
                 self.chunks.task_done()
 
+    def failed(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            log.warning("tracking.uri: %s stopped taking writes: %s", self.client.tracking_uri, _reason(error))
+
     def close(self) -> None:
-        """Write everything queued, stop, and raise what the thread met, if anything."""
+        """Write everything queued (unless the store failed), then stop."""
         self.chunks.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise self.error
+
+
+def _reason(error: BaseException) -> str:
+    error = getattr(error, "orig", None) or error  # SQLAlchemy's wrapper: the database's own words
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
 
 
 class Tracker:
-    """One MLflow run, written to in batches.
+    """One MLflow run, written to in batches, each point first into the run's journal (if given).
 
     ``logged`` maps metric keys to the last step the run already holds (a resumed run): points
-    up to it are not written again, so every step keeps exactly one point.
+    up to it are not written again, so every step keeps exactly one point. If the store fails,
+    training goes on (``on_failure="continue"``) with points kept in the journal and replayed at
+    the end, or stops at the next chunk (``"stop"``).
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, logged: Mapping[str, int] | None = None) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        logged: Mapping[str, int] | None = None,
+        journal: Journal | None = None,
+        on_failure: str = "continue",
+    ) -> None:
+        self.client, self.run_id, self.journal, self.on_failure = client, run_id, journal, on_failure
         self._logged = dict(logged or {})
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
+        self._recorded = 0  # points handed to the journal and the writer
         self._writer = _Writer(client, run_id)
 
     @property
@@ -174,48 +241,101 @@ class Tracker:
         self.points([(key, value, step) for key, value in values.items()])
 
     def flush(self) -> None:
-        """Hand buffered metrics to the writer thread; returns without waiting."""
+        """Write buffered metrics to the journal and hand them to the writer thread; returns without waiting."""
+        self._check()
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        if self.journal is not None:
+            self.journal.points(self._metrics)
         for start in range(0, len(self._metrics), METRICS_PER_BATCH):
             self._writer.chunks.put(self._metrics[start : start + METRICS_PER_BATCH])
+        self._recorded += len(self._metrics)
         self._metrics = []
 
     def sync(self) -> None:
-        """Return once every metric recorded so far is in the store."""
+        """Return once every metric recorded so far is in the store (or the store has failed)."""
         self.flush()
         self._writer.chunks.join()
+        self._check()
+
+    def persist(self) -> dict[str, int]:
+        """Make every point so far durable in the journal; how many were recorded and how many the store took."""
+        self.flush()
+        if self.journal is not None:
+            self.journal.persist()
+        return {"recorded": self._recorded, "stored": self._writer.stored}
+
+    def _check(self) -> None:
+        if self._writer.error is not None and self.on_failure == "stop":
+            raise self._failure(self._writer.error)
+
+    def _failure(self, error: BaseException) -> ConfigError:
+        kept = "" if self.journal is None else f"; every point is kept in {self.journal.path}"
+        replay = "" if self.journal is None else f" (python -m clrx.sync {self.journal.path.parent})"
+        return ConfigError(
+            "tracking.uri",
+            f"the MLflow store {self.uri} stopped taking writes ({_reason(error)}){kept}"
+            f"{replay and ', to replay once it answers' + replay}",
+        )
+
+    def _store(self, write: Any, *args: Any) -> None:
+        """A direct write to the store; once the store has failed, skipped (the journal keeps params and tags)."""
+        if self._writer.error is None:
+            try:
+                write(*args)
+            except Exception as error:
+                self._writer.failed(error)
+        self._check()
 
     def params(self, values: Mapping[str, str]) -> None:
+        if self.journal is not None:
+            self.journal.record(params=dict(values))
         items = [Param(key, value) for key, value in values.items()]
         for start in range(0, len(items), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[start : start + PARAMS_PER_BATCH])
+            self._store(self.client.log_batch, self.run_id, [], items[start : start + PARAMS_PER_BATCH])
 
     def tags(self, values: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in values.items()])
+        values = {key: str(value) for key, value in values.items()}
+        if self.journal is not None:
+            self.journal.record(tags=values)
+        self._store(self.client.log_batch, self.run_id, [], [], [RunTag(k, v) for k, v in values.items()])
 
     def text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._store(self.client.log_text, self.run_id, text, artifact_file)
 
     def figure(self, figure: Figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        self._store(self.client.log_figure, self.run_id, figure, artifact_file)
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._store(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
     def artifacts(self, directory: Path, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        self._store(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
     def finish(self, status: str, reason: str | None = None) -> None:
-        """Wait for every buffered point to land, then close the run with ``status``."""
-        self.flush()
+        """Wait for every buffered point to land, replay what the store missed, then close the run with ``status``.
+
+        A store that still refuses leaves the points in the journal and ends as a ConfigError naming it.
+        """
+        self._hand_on()
+        self._writer.close()
         try:
-            self._writer.close()
-        except Exception as error:
-            status, reason = "FAILED", f"writing metrics failed: {error}"
-            raise
-        finally:
+            if self._writer.error is not None:
+                if self.journal is None:
+                    raise self._writer.error
+                self.journal.persist()
+                replayed = replay(self.client, self.run_id, read(self.journal.path), METRICS_PER_BATCH)
+                log.info("the store is back: replayed %d points from %s", replayed, self.journal.path)
             if reason:
-                self.tags({"clrx.failure": reason[:PARAM_VALUE_LIMIT]})
+                self.client.set_tag(self.run_id, "clrx.failure", reason[:PARAM_VALUE_LIMIT])
             self.client.set_terminated(self.run_id, status)
+        except Exception as error:
+            raise self._failure(self._writer.error or error) from None
+        finally:
+            if self.journal is not None:
+                self.journal.record(end=status, reason=reason)
+                self.journal.close()
 
 
 class Silent:
@@ -238,6 +358,9 @@ class Silent:
     def sync(self) -> None:
         pass
 
+    def persist(self) -> dict[str, int]:
+        return {}
+
     def params(self, values: Mapping[str, str]) -> None:
         pass
 
@@ -257,8 +380,11 @@ class Silent:
         pass
 
 
-def _reopen(client: MlflowClient, run_id: str) -> dict[str, int]:
-    """Mark an earlier run RUNNING again; the last step each of its metrics holds."""
+def _reopen(client: MlflowClient, run_id: str, journal: Path | None) -> dict[str, int]:
+    """Mark an earlier run RUNNING again, with what its journal holds and the store missed.
+
+    Returns the last step of each metric the run holds.
+    """
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -268,7 +394,11 @@ def _reopen(client: MlflowClient, run_id: str) -> dict[str, int]:
     if "clrx.failure" in run.data.tags:  # from the attempt that stopped; this one may well finish
         client.delete_tag(run_id, "clrx.failure")
     client.update_run(run_id, "RUNNING")
-    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    if journal is not None and journal.exists():
+        replayed = replay(client, run_id, read(journal), METRICS_PER_BATCH)
+        if replayed:
+            log.info("replayed %d points the store had missed from %s", replayed, journal)
+    return stored_steps(client, run_id)
 
 
 @contextmanager
@@ -278,19 +408,29 @@ def tracked_run(
     run_name: str | None,
     tags: Mapping[str, str],
     resume: str | None = None,
+    journal: Path | None = None,
+    on_failure: str = "continue",
 ) -> Iterator[Tracker]:
     """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING.
 
     ``resume`` is the id of an earlier run to continue: its metrics go on where they stopped.
+    ``journal`` is the file every point is written to first (see ``clrx.tracking.journal``).
     """
     if resume is None:
         run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
-        tracker = Tracker(client, run.info.run_id)
+        run_id, logged = run.info.run_id, None
     else:
-        tracker = Tracker(client, resume, _reopen(client, resume))
-        tracker.tags({key: value for key, value in tags.items() if not key.startswith("mlflow.")})
+        run_id, logged = resume, _reopen(client, resume, journal)
+    log_file = None if journal is None else Journal(journal, fresh=resume is None)
+    if log_file is not None and resume is None:
+        log_file.record(run=run_id, uri=client.tracking_uri, experiment=experiment, name=run_name)
+    tracker = Tracker(client, run_id, logged, log_file, on_failure)
+    tracker.tags({k: v for k, v in tags.items() if resume is None or not k.startswith("mlflow.")})
     try:
         yield tracker
+    except Stopped as stopped:
+        tracker.finish("KILLED", str(stopped))
+        raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted")
         raise
@@ -303,13 +443,19 @@ def tracked_run(
 
 @contextmanager
 def main_run(
-    client: MlflowClient | None, experiment: str, name: str | None, tags: Mapping[str, str], resume: str | None = None
+    client: MlflowClient | None,
+    experiment: str,
+    name: str | None,
+    tags: Mapping[str, str],
+    resume: str | None = None,
+    journal: Path | None = None,
+    on_failure: str = "continue",
 ) -> Iterator[Tracker | Silent]:
     """The MLflow run of the main process (the one given a client); every other records into nothing."""
     if client is None:
         yield Silent()
         return
-    with tracked_run(client, experiment, name, tags, resume) as tracker:
+    with tracked_run(client, experiment, name, tags, resume, journal, on_failure) as tracker:
         yield tracker
 
 

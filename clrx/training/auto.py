@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from clrx.config.build import build_policy
 from clrx.errors import ConfigError
 from clrx.range_test.suggest import Suggestion, bounds
+from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.store import log_config, main_run, newest_finished_run, run_name
 from clrx.training import checkpoint
 from clrx.training.loop import find_range
@@ -106,7 +107,8 @@ def auto_bounds(
         saved = copy.deepcopy(session.state()), checkpoint.rng_state()
         tags = {k: v for k, v in run_tags.items() if k not in JOB_TAGS}
         tags.update({"clrx.range_test_key": key, "clrx.policy": "range_test"})
-        with main_run(client, cfg.tracking.experiment, run_name(cfg, tags), tags) as tracker:
+        journal = output_dir / "range_test" / JOURNAL
+        with main_run(client, cfg.tracking.experiment, run_name(cfg, tags), tags, None, journal) as tracker:
             log_config(tracker, cfg, session.data, output_dir)
             result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
         session.load_state(saved[0])

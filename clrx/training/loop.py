@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, Stopped
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
@@ -34,6 +35,7 @@ from clrx.tracking.store import Tracker
 from clrx.training import checkpoint
 from clrx.training.recorder import Recorder
 from clrx.training.session import Batch, Session
+from clrx.training.stop import STOP
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,24 @@ class Progress:
 
 
 def _write_checkpoint(
-    session: Session, progress: Progress, recorder: Recorder, tracker: Tracker, output_dir: Path, node: DictConfig
+    session: Session,
+    progress: Progress,
+    recorder: Recorder,
+    tracker: Tracker,
+    output_dir: Path,
+    node: DictConfig,
+    always: bool = False,
 ) -> None:
-    """Everything to continue this run exactly, once its metrics so far are safely in the store."""
-    if not checkpoint.asked_for(session.cfg.trainer):
+    """Everything to continue this run exactly, once its metrics so far are safely in the journal.
+
+    Written where the run asks for checkpoints, and ``always`` (a run stopped by a signal) unless
+    ``trainer.keep_last=0`` turns them off.
+    """
+    trainer = session.cfg.trainer
+    if not (checkpoint.asked_for(trainer) or (always and trainer.keep_last > 0)):
         return
     recorder.drain()
-    tracker.sync()  # a resumed run continues right after the last point the store holds
+    store = tracker.persist()  # every point so far is in the journal; the store may lag or have failed
     generators = gather_object([checkpoint.rng_state()])  # every process's own
     if session.accelerator.is_main_process:
         payload = {
@@ -84,6 +97,7 @@ def _write_checkpoint(
             "rng": generators,
             "record": recorder.state(),
             "run_id": tracker.run_id,
+            "store": store,
             "config": OmegaConf.to_container(session.cfg, resolve=True),
             "policy": OmegaConf.to_container(node, resolve=True),
         }
@@ -110,6 +124,7 @@ def fit(
         trainer.log_every,
         reduce=session.reduce_mean,
         on_drain=lambda n, lr, loss: (bar.update(n), bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.4f}")),
+        lr_setting=next((f"policy.{key}" for key in ("max_lr", "lr") if key in node), "the policy's learning rates"),
     )
     if resumed is not None:
         progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__})
@@ -118,9 +133,26 @@ def fit(
         recorder.load(resumed["record"])
         bar.update(progress.step)
 
-    def save() -> None:
+    def save(always: bool = False) -> None:
         progress.seconds = time.perf_counter() - start
-        _write_checkpoint(session, progress, recorder, tracker, output_dir, node)
+        _write_checkpoint(session, progress, recorder, tracker, output_dir, node, always)
+
+    def stop(saved: bool) -> None:
+        """A signal came: keep everything so far (a checkpoint, every point) and end here."""
+        if not (saved and checkpoint.asked_for(trainer)):
+            save(always=True)
+        recorder.drain()
+        signum = STOP.signum or signal.SIGTERM  # another process of the launch got it
+        raise Stopped(signum, progress.step, output_dir if trainer.keep_last else None)
+
+    def stopping(at_checkpoint: bool) -> bool:
+        """Whether a signal came; several processes agree on it where they meet anyway, at checkpoints."""
+        if accelerator.num_processes == 1:
+            return STOP.signum is not None
+        if not at_checkpoint:
+            return False
+        flag = torch.tensor([float(STOP.signum is not None)], device=accelerator.device)
+        return session.reduce_mean(flag).item() > 0
 
     start = time.perf_counter() - progress.seconds
     session.model.train()
@@ -133,12 +165,12 @@ def fit(
                 if accelerator.scaler is not None and accelerator.optimizer_step_was_skipped:
                     progress.skipped += 1
                     tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
-                if (
-                    trainer.checkpoint_every
-                    and progress.step % trainer.checkpoint_every == 0
-                    and progress.step % per_epoch
-                ):
+                mid_epoch = progress.step % per_epoch
+                saved = bool(trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch)
+                if saved:
                     save()
+                if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first
+                    stop(saved)
             recorder.drain()
             if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
                 progress.scores = session.evaluate()
@@ -149,6 +181,8 @@ def fit(
                 amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
                 tracker.metrics(amp, progress.step)
             save()
+            if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
+                stop(saved=True)
     finally:
         bar.close()
     progress.seconds = time.perf_counter() - start

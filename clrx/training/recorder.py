@@ -25,8 +25,10 @@ class Recorder:
         every: int,
         reduce: Callable[[torch.Tensor], torch.Tensor] = lambda losses: losses,
         on_drain: Callable[[int, float, float], None] = lambda n, lr, loss: None,
+        lr_setting: str = "policy.max_lr",
     ) -> None:
         self.tracker, self.momentum_name, self.every = tracker, momentum_name, every
+        self.lr_setting = lr_setting  # what a diverged run is told to lower
         self.reduce, self.on_drain = reduce, on_drain
         self.steps: list[int] = []
         self.lrs: list[float] = []
@@ -56,7 +58,7 @@ class Recorder:
                 self.losses.extend(values[: index - first])
                 self.tracker.points(points)
                 raise TrainingDiverged(
-                    f"loss became {loss} at step {step} (lr {lr:.4g}); lower the learning rate (policy.max_lr)"
+                    f"loss became {loss} at step {step} (lr {lr:.4g}); lower the learning rate ({self.lr_setting})"
                 )
             points.append(("lr", lr, step))
             if self.momentum_name is not None:

@@ -16,16 +16,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
-from clrx.config.schema import check_trainer, main_process
+from clrx.config.schema import check_tracking, check_trainer, main_process
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
+from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import default_uri, flatten, log_config, main_run, open_store, run_name
+from clrx.tracking.store import bound_requests, default_uri, flatten, log_config, main_run, open_store, run_name
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
 from clrx.training.session import Session, prepare
+from clrx.training.stop import STOP
 
 # Settings a resumed run may change: where and how it reports, not what it computes.
 RESUMABLE_CHANGES = (
@@ -130,12 +132,14 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
     ``trainer.dry_run`` only the schedule is shown (and None returned).
     """
     check_trainer(cfg.trainer)
+    check_tracking(cfg.tracking)
     resumed = checkpoint.find(cfg.trainer.resume, output_dir)
     if resumed is not None:
         path, saved = resumed
         if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
             cfg.trainer.batch_size = saved["config"]["trainer"]["batch_size"]
         _check_unchanged(cfg, saved["config"], path)
+    bound_requests(cfg.tracking.timeout)
     store = _opening(cfg.tracking.uri or default_uri()) if main_process() and not cfg.trainer.dry_run else None
     session = prepare(cfg, search_batch=resumed is None)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,11 +169,14 @@ def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = No
     resume_id = None if resumed is None else saved["run_id"]
     # tracking.run_name, else a sweep job's name, else one made up; MLflow refuses a name and a differing tag.
     run_tags["mlflow.runName"] = cfg.tracking.run_name or run_tags.get("mlflow.runName") or run_name(cfg, run_tags)
-    with main_run(client, cfg.tracking.experiment, run_tags["mlflow.runName"], run_tags, resume_id) as tracker:
+    journal = output_dir / JOURNAL
+    names = cfg.tracking.experiment, run_tags["mlflow.runName"]
+    with main_run(client, *names, run_tags, resume_id, journal, cfg.tracking.on_failure) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
-        return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)
+        with STOP.deferred():  # a signal ends training at a step boundary, with a checkpoint
+            return fit(session, policy, tracker, output_dir, node, None if resumed is None else saved)

@@ -231,6 +231,18 @@ def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tup
     return accelerator.prepare(*loaders)
 
 
+def _check_batch_norm(model: torch.nn.Module, trainer: DictConfig, processes: int) -> None:
+    """Batch norm cannot train on a single image: its variance over one value is undefined."""
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+    share = processes * trainer.grad_accum
+    if trainer.batch_size // share == 1 and any(isinstance(module, norms) for module in model.modules()):
+        raise ConfigError(
+            "trainer.batch_size",
+            f"gives each process micro batches of 1 image, which the model's batch norm layers cannot train on; "
+            f"use at least {2 * share} (or a lower trainer.grad_accum)",
+        )
+
+
 def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     """Build and check everything except the policy; nothing is trained or tracked yet.
 
@@ -252,6 +264,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
             accelerator, model, optimizer, data, trainer.grad_accum, trainer.max_batch_size
         )
         log.info("largest batch that trains: %d", trainer.batch_size)
+    _check_batch_norm(model, trainer, accelerator.num_processes)
     train_loader, val_loader = _loaders(data, trainer, accelerator)
     steps_per_epoch = len(train_loader) // trainer.grad_accum
     return Session(
