@@ -212,3 +212,10 @@ def test_rows_hold_every_step_with_blanks_where_nothing_was_measured(tmp_path):
         "0,0.1,2.0,2.0,0.25,",
         "1,0.2,1.5,1.5,,0.5",
     ]
+
+
+def test_valley_of_a_run_from_the_first_usable_point_stays_in_the_usable_part():
+    # 2 points (under 10: none skipped) falling into the minimum at point 1: the run is points 0..1 and fastai's
+    # start one before it, -1; a third of 2 is 0, so the pick would be index -1, the highest lr: it is point 0.
+    found = suggest(_curve("linear", [0.1, 0.2], [2.0, 1.0]))
+    assert found["valley"].max_lr == 0.1

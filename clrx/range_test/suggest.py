@@ -77,9 +77,9 @@ def _valley(smoothed: list[float], usable: range) -> int:
             if values[i] < values[j] and longest[i] < longest[j] + 1:
                 longest[i] = longest[j] + 1
         if longest[i] > longest[end]:
-            end, start = i, i - longest[i]
+            end, start = i, i - longest[i]  # fastai's start: one before the run
     third = (end - start) / 3
-    return usable.start + start + int(third) + int(third / 2)
+    return usable.start + max(start + int(third) + int(third / 2), 0)  # a short run: never before the usable part
 
 
 def suggest(curve: Curve) -> dict[str, Suggestion]:
