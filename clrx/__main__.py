@@ -34,7 +34,7 @@ register()
 register_sweeps()
 
 
-def _slurm_processes() -> None:
+def slurm_processes() -> None:
     """Under submitit with several tasks per job, make each task one process of the training.
 
     The job's tasks all run this job; torch and Accelerate find their rank, the world size and
@@ -54,7 +54,7 @@ def app(cfg: DictConfig) -> float | None:
 
     global _started
     _started = True
-    _slurm_processes()
+    slurm_processes()
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)

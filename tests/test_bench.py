@@ -6,7 +6,7 @@ import json
 import pytest
 
 from clrx.config.schema import compose_run
-from clrx.studies.bench import main
+from clrx.studies.bench import main, median_interval, paired_ratios
 from clrx.studies.hand_loop import hand_loop
 
 
@@ -42,6 +42,23 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
         "peak_rss_mb",
     ):
         assert figures[key] > 0, key
+    for prefix in ("step_", "end_to_end_", "train_and_eval_"):
+        low, high = figures[f"{prefix}ratio_95ci"]
+        assert low <= figures[f"{prefix}ratio"] <= high, prefix
+
+
+def test_ratios_pair_each_block_with_its_neighbour_and_take_medians():
+    times = {"reference": [10.0, 20.0, 40.0], "clrx": [11.0, 20.0, 60.0]}  # pairs 1.1, 1.0, 1.5
+    figures = paired_ratios(times, "step_")
+    assert figures["step_reference_ms"] == 20.0 and figures["step_clrx_ms"] == 20.0
+    assert figures["step_ratio"] == 1.1  # the median pair, not 20 / 20
     low, high = figures["step_ratio_95ci"]
-    assert low <= figures["step_ratio"] <= high
-    assert figures["step_ratio"] == pytest.approx(figures["step_clrx_ms"] / figures["step_reference_ms"], rel=1.0)
+    assert 1.0 <= low <= 1.1 <= high <= 1.5
+
+
+def test_the_median_interval_is_exact_for_constant_values_and_widens_with_spread():
+    assert median_interval([1.02] * 9) == [1.02, 1.02]
+    values = [0.9, 0.95, 1.0, 1.0, 1.0, 1.05, 1.1]
+    low, high = median_interval(values)
+    assert 0.9 <= low < 1.0 < high <= 1.1  # a bootstrap median moves between the neighbours of 1.0
+    assert median_interval(values) == [low, high]  # seeded: the same figures every time

@@ -190,7 +190,7 @@ def test_more_processes_than_gpus_is_refused_in_one_line():
 def test_slurm_tasks_become_torch_processes():
     """The variables submitit's helper exports are the ones torch and Accelerate read."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
-    script = "import os; from clrx.__main__ import _slurm_processes as export; export(); "
+    script = "import os; from clrx.__main__ import slurm_processes; slurm_processes(); "
     script += f"print(*map(os.environ.get, {names}))"
     env = {
         **os.environ,

@@ -70,7 +70,7 @@ def _timed(run: Callable[[int], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-def _median_interval(values: list[float], resamples: int = 2000) -> list[float]:
+def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
     """A 95% bootstrap interval for the median: how far the measured ratio can be trusted."""
     draw = random.Random(0)
     medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
@@ -134,13 +134,13 @@ def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, 
     return times
 
 
-def _ratios(times: dict[str, list[float]], prefix: str) -> dict[str, Any]:
+def paired_ratios(times: dict[str, list[float]], prefix: str) -> dict[str, Any]:
     pairs = [c / r for c, r in zip(times["clrx"], times["reference"], strict=True)]
     return {
         f"{prefix}reference_ms": statistics.median(times["reference"]),
         f"{prefix}clrx_ms": statistics.median(times["clrx"]),
         f"{prefix}ratio": statistics.median(pairs),
-        f"{prefix}ratio_95ci": _median_interval(pairs),
+        f"{prefix}ratio_95ci": median_interval(pairs),
     }
 
 
@@ -179,8 +179,8 @@ def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str
                 train[name].append(latest.data.metrics["train_seconds"])
     startup = {name: [w - t for w, t in zip(walls[name], train[name], strict=True)] for name in train}
     return {
-        **_ratios({name: [w * 1000 for w in walls[name]] for name in train}, "end_to_end_"),
-        **_ratios({name: [t * 1000 for t in train[name]] for name in train}, "train_and_eval_"),
+        **paired_ratios({name: [w * 1000 for w in walls[name]] for name in train}, "end_to_end_"),
+        **paired_ratios({name: [t * 1000 for t in train[name]] for name in train}, "train_and_eval_"),
         "startup_seconds": statistics.median(startup["clrx"]),
         "reference_startup_seconds": statistics.median(startup["reference"]),
         "import_torch_timm_seconds": statistics.median(walls["import"]),
@@ -214,10 +214,10 @@ def bench(args: argparse.Namespace) -> None:
         "overrides": base,
         "block_steps": args.block,
         "repeats": args.repeats,
-        **_ratios(per_step, "step_"),
+        **paired_ratios(per_step, "step_"),
         "spread_ms": {name: [min(v), max(v)] for name, v in per_step.items()},
         "host_overhead_us_per_step": statistics.median(extra_us),
-        "host_overhead_95ci": _median_interval(extra_us),
+        "host_overhead_95ci": median_interval(extra_us),
         "tiny_model_reference_us_per_step": 1000 * statistics.median(overhead["reference"]),
         **_end_to_end(base, uri, workdir, args.runs),
         **_logging_cost(uri),
