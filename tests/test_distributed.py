@@ -57,7 +57,9 @@ def test_two_processes_follow_the_single_process_schedule_in_one_run_and_directo
         assert _points(client, run.info.run_id, key) == _points(client, single, key), key
     losses, reference = (_points(client, r, "train_loss") for r in (run.info.run_id, single))
     assert [s for s, _ in losses] == list(range(2 * PER_EPOCH))  # one point per optimizer step
-    assert [v for _, v in losses] == pytest.approx([v for _, v in reference], rel=2e-3)
+    # Step 0: the same weights and images, only the order of float sums differs; later steps drift apart slowly.
+    assert losses[0][1] == pytest.approx(reference[0][1], rel=1e-5)
+    assert [v for _, v in losses] == pytest.approx([v for _, v in reference], rel=2e-2)
     [(_, first), (_, last)] = _points(client, run.info.run_id, "val_acc")
     assert last > 0.8 and last == pytest.approx(_points(client, single, "val_acc")[-1][1], abs=0.01)
     assert all(abs(acc * VAL_IMAGES - round(acc * VAL_IMAGES)) < 1e-6 for acc in (first, last))  # each image once
@@ -74,7 +76,9 @@ def test_gradient_accumulation_keeps_the_schedule_and_losses_of_the_same_global_
         assert _points(client, accumulated, key) == _points(client, single, key), key
     losses, reference = (_points(client, r, "train_loss") for r in (accumulated, single))
     assert [s for s, _ in losses] == list(range(2 * PER_EPOCH))
-    assert [v for _, v in losses] == pytest.approx([v for _, v in reference], rel=2e-3)
+    # Step 0: the same weights and images, only the order of float sums differs; later steps drift apart slowly.
+    assert losses[0][1] == pytest.approx(reference[0][1], rel=1e-5)
+    assert [v for _, v in losses] == pytest.approx([v for _, v in reference], rel=2e-2)
 
 
 def test_bf16_trains_on_cpu_with_the_same_schedule(tmp_path, store):

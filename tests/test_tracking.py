@@ -70,10 +70,10 @@ def _chunks_written(monkeypatch, client):
     sizes = []
     log_batch = client.log_batch
 
-    def counting(run_id, metrics=(), **kwargs):
+    def counting(run_id, metrics=(), *args, **kwargs):
         if metrics:
             sizes.append(len(metrics))
-        return log_batch(run_id, metrics=metrics, **kwargs)
+        return log_batch(run_id, metrics, *args, **kwargs)
 
     monkeypatch.setattr(client, "log_batch", counting)
     return sizes
