@@ -170,6 +170,8 @@ def main() -> None:
         _stopped(Stopped(signal.SIGINT))
     except Stopped as stopped:
         _stopped(stopped)
+    finally:  # for this call only: a process that runs the app again, or starts one, decides anew
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def _stopped(stopped: Stopped) -> NoReturn:
