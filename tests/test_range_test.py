@@ -16,11 +16,10 @@ from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.range_test.curve import Curve
 from clrx.range_test.run import lr_range_test
-from clrx.range_test.suggest import Suggestion, bounds, read, suggest
+from clrx.range_test.suggest import Suggestion, bounds, read, suggest, suggestion_tags
 from clrx.schedules.policies import LRRange
 from clrx.training.auto import auto_bounds, range_test_key
 from clrx.training.checkpoint import rng_state
-from clrx.training.loop import suggestion_tags
 from clrx.training.run import train
 from clrx.training.session import prepare
 from tests.conftest import ROOT, main_in_process

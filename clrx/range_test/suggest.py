@@ -5,6 +5,7 @@ Rules read the curve only; what shaped it (the schedule, smoothing, the stop) is
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -122,3 +123,27 @@ def bounds(suggestions: dict[str, Suggestion], rule: str, div: float, scale: flo
     chosen = suggestions[rule]
     base_lr = chosen.base_lr if chosen.base_lr is not None else chosen.max_lr / div
     return base_lr * scale, chosen.max_lr * scale
+
+
+SUGGEST, NO_SUGGESTION = "clrx.suggest.", "clrx.no_suggestion."  # MLflow tag prefixes, one per rule
+
+
+def suggestion_tags(suggestions: dict[str, Suggestion], no_suggestion: dict[str, str]) -> dict[str, str]:
+    """``clrx.suggest.<rule>``: a rule's bounds as JSON; ``clrx.no_suggestion.<rule>``: why it gave none."""
+    tags = {
+        f"{SUGGEST}{rule}": json.dumps({"base_lr": s.base_lr, "max_lr": s.max_lr, "why": s.why})
+        for rule, s in suggestions.items()
+    }
+    return tags | {f"{NO_SUGGESTION}{rule}": why for rule, why in no_suggestion.items()}
+
+
+def suggestions_from_tags(tags: dict[str, str]) -> tuple[dict[str, Suggestion], dict[str, str]]:
+    """What ``suggestion_tags`` wrote: (suggestions, why other rules gave none)."""
+    suggestions = {
+        name[len(SUGGEST) :]: Suggestion(name[len(SUGGEST) :], **json.loads(value))
+        for name, value in tags.items()
+        if name.startswith(SUGGEST)
+    }
+    return suggestions, {
+        name[len(NO_SUGGESTION) :]: why for name, why in tags.items() if name.startswith(NO_SUGGESTION)
+    }

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
 from clrx.errors import ConfigError
-from clrx.range_test.suggest import Suggestion, bounds
+from clrx.range_test.suggest import Suggestion, bounds, suggestions_from_tags
 from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.store import log_config, main_run, newest_finished_run, run_name
 from clrx.training import checkpoint
@@ -80,13 +80,7 @@ def cached_suggestions(
         return None
     run_id, tags, started = found
     log.info("reusing range test %s from %s", run_id, started.strftime("%Y-%m-%d %H:%M:%S"))
-    prefix, none = "clrx.suggest.", "clrx.no_suggestion."
-    suggestions = {
-        name[len(prefix) :]: Suggestion(name[len(prefix) :], **json.loads(value))
-        for name, value in tags.items()
-        if name.startswith(prefix)
-    }
-    return run_id, suggestions, {name[len(none) :]: why for name, why in tags.items() if name.startswith(none)}
+    return run_id, *suggestions_from_tags(tags)
 
 
 def auto_bounds(

@@ -8,7 +8,6 @@ continue exactly. What to run, resuming and automatic bounds are decided above, 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -27,7 +26,7 @@ from clrx.errors import ConfigError, Stopped
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
-from clrx.range_test.suggest import Suggestion, read
+from clrx.range_test.suggest import Suggestion, read, suggestion_tags
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.plots import schedule_figure
@@ -260,12 +259,3 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
         no_suggestion=no_suggestion,
         stop_reason=stop_reason,
     )
-
-
-def suggestion_tags(suggestions: dict[str, Suggestion], no_suggestion: dict[str, str]) -> dict[str, str]:
-    """``clrx.suggest.<rule>``: a rule's bounds as JSON; ``clrx.no_suggestion.<rule>``: why it gave none."""
-    tags = {
-        f"clrx.suggest.{rule}": json.dumps({"base_lr": s.base_lr, "max_lr": s.max_lr, "why": s.why})
-        for rule, s in suggestions.items()
-    }
-    return tags | {f"clrx.no_suggestion.{rule}": why for rule, why in no_suggestion.items()}
