@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from clrx.config.schema import CONF, check_added, main_process, prefer_given, register
 from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
+from clrx.tracking.opening import open_in_background
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
 from clrx.training.stop import STOP
 
@@ -48,10 +49,6 @@ def slurm_processes() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
-    from clrx.tracking.store import default_uri, record_failed_job
-    from clrx.training.run import train
-
     global _started
     _started = True
     slurm_processes()
@@ -68,14 +65,20 @@ def app(cfg: DictConfig) -> float | None:
     try:
         check_added(hydra_cfg.overrides.task)
         prefer_given(cfg, hydra_cfg.overrides.task)
+        store = open_in_background(cfg)  # while torch, timm and the data load
+        # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
+        from clrx.training.run import train
+
         with STOP.installed():
-            result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
+            result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags, store)
     except ClrxError as error:
         if not in_sweep:
             exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
         # One failed job must not end the sweep: its run is FAILED and the summary says why.
         log.error("job %s failed: %s", hydra_cfg.job.num, error)
         if getattr(error, "run_id", None) is None:
+            from clrx.tracking.store import default_uri, record_failed_job
+
             try:
                 record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
             except ClrxError as unusable:  # no store to report to: the sweep cannot go on

@@ -35,16 +35,19 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
         "step_ratio",
         "end_to_end_ratio",
         "train_and_eval_ratio",
-        "startup_seconds",
+        "startup_clrx_ms",
         "import_torch_timm_seconds",
         "tiny_model_reference_us_per_step",
         "logging_us_per_step",
         "peak_rss_mb",
     ):
         assert figures[key] > 0, key
-    for prefix in ("step_", "end_to_end_", "train_and_eval_"):
+    for prefix in ("step_", "end_to_end_", "train_and_eval_", "startup_"):
         low, high = figures[f"{prefix}ratio_95ci"]
         assert low <= figures[f"{prefix}ratio"] <= high, prefix
+    for name in ("clrx", "reference"):  # command to first step: within the whole run, after the imports
+        startup = figures[f"startup_{name}_ms"] / 1000
+        assert figures["import_torch_timm_seconds"] / 3 < startup < figures[f"end_to_end_{name}_ms"] / 1000, name
 
 
 def test_ratios_pair_each_block_with_its_neighbour_and_take_medians():

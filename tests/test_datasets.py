@@ -9,7 +9,8 @@ from torchvision.transforms import v2
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import compose_run
 from clrx.data.augment import Pipeline, random_crop, random_flip
-from clrx.data.splits import build_data
+from clrx.data.datasets import digits_arrays
+from clrx.data.splits import build_data, stratified_split
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Hyper
@@ -185,3 +186,25 @@ def test_the_papers_optimizers_take_the_policys_momentum_where_they_have_one(opt
     assert optimizer.param_groups[0]["lr"] == 0.05 and applied_momentum(optimizer) == (0.8 if name else None)
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()  # takes a step with the values written in
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    from sklearn.datasets import load_digits
+
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert torch.equal(images, torch.tensor(bunch.images, dtype=torch.float32))
+    assert torch.equal(labels, torch.tensor(bunch.target))
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5])
+def test_a_stratified_split_holds_out_the_fraction_of_every_class_the_same_way_each_time(fraction):
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 11 + [3] * 2)
+    train, held = stratified_split(labels, fraction, seed=3)
+    assert torch.equal(torch.sort(torch.cat([train, held])).values, torch.arange(len(labels)))  # disjoint, complete
+    for label, count in enumerate([50, 30, 11, 2]):
+        assert int((labels[held] == label).sum()) == round(fraction * count)
+    assert torch.equal(train, train.sort().values) and torch.equal(held, held.sort().values)
+    again = stratified_split(labels, fraction, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], held)
+    assert not torch.equal(stratified_split(labels, fraction, seed=4)[1], held)

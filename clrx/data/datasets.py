@@ -9,6 +9,7 @@ per image in DataLoader worker processes.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 from clrx.data.augment import Pipeline
-from clrx.data.splits import Splits, TensorImages
+from clrx.data.splits import Splits, TensorImages, stratified_split
 from clrx.errors import ConfigError, check_positive_whole
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -196,21 +197,12 @@ def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0)
 
     The split is stratified and fixed by ``split_seed``; statistics come from the train part.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     check_positive_whole("image_size", image_size)
     if not (isinstance(val_fraction, float) and 0 < val_fraction < 1):
         raise ConfigError("val_fraction", f"must be a number in (0, 1), got {val_fraction!r}")
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(bunch.target, dtype=torch.long)
-    train_idx, val_idx = train_test_split(
-        torch.arange(len(labels)).numpy(),
-        test_size=val_fraction,
-        random_state=split_seed,
-        stratify=labels.numpy(),
-    )
+    images, labels = digits_arrays()
+    images = images.unsqueeze(1) / 16
+    train_idx, val_idx = stratified_split(labels, val_fraction, split_seed)
     if image_size != images.shape[-1]:
         images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
     train, val = images[train_idx], images[val_idx]
@@ -222,6 +214,16 @@ def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0)
         num_classes=10,
         in_chans=1,
     )
+
+
+def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits' 8x8 images (values 0-16) and labels, read from the file scikit-learn ships.
+
+    Read directly: importing scikit-learn would take seconds of a run's start-up.
+    """
+    package = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    data = np.loadtxt(Path(package.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    return torch.tensor(data[:, :-1], dtype=torch.float32).view(-1, 8, 8), torch.tensor(data[:, -1], dtype=torch.long)
 
 
 def fake(

@@ -21,6 +21,23 @@ from clrx.errors import ConfigError, check_positive_whole
 LIMITS = ("limit_train", "limit_val")  # any dataset: train or validate on a fixed random subset
 
 
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a train part and a held-out part with ``fraction`` of each class, both sorted.
+
+    Depends only on the labels and ``seed``: every run and every process holds out the same items.
+    (scikit-learn's ``train_test_split`` does this too, at seconds of import time before the first step.)
+    """
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).flatten()
+        count = round(fraction * len(members))
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    out = torch.zeros(len(labels), dtype=torch.bool)
+    out[torch.cat(held)] = True
+    return torch.nonzero(~out).flatten(), torch.nonzero(out).flatten()
+
+
 class TensorImages(Dataset):
     """Images and labels in memory; DataLoader fetches a whole batch with one indexing op."""
 

@@ -147,12 +147,13 @@ def paired_ratios(times: dict[str, list[float]], prefix: str) -> dict[str, Any]:
 def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str, Any]:
     """Whole runs, command to exit: ``python -m clrx`` against the hand-written run, in turn.
 
-    Also ``python -c "import torch, timm"``, the floor of any such command's start-up.
+    Also ``python -c "import torch, timm"``, the floor of any such command's start-up (command to
+    first step, which each run reports as ``startup_seconds``).
     """
     env = {**os.environ, "CI": "true"}
     client = open_store(uri)
     walls: dict[str, list[float]] = {"clrx": [], "reference": [], "import": []}
-    train: dict[str, list[float]] = {"clrx": [], "reference": []}
+    reported: dict[str, dict[str, list[float]]] = {"clrx": {}, "reference": {}}
     commands = {
         "clrx": [sys.executable, "-m", "clrx", *base],
         "reference": [sys.executable, "-m", "clrx.studies.hand_loop", *base],
@@ -169,22 +170,26 @@ def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str
             )
             walls[name].append(time.perf_counter() - start)
             if name == "reference":
-                train[name].append(json.loads(done.stdout.splitlines()[-1])["train_seconds"])
+                figures = json.loads(done.stdout.splitlines()[-1])
             elif name == "clrx":
                 [latest] = client.search_runs(
                     [client.get_experiment_by_name("clrx").experiment_id],
                     max_results=1,
                     order_by=["attributes.start_time DESC"],
                 )
-                train[name].append(latest.data.metrics["train_seconds"])
-    startup = {name: [w - t for w, t in zip(walls[name], train[name], strict=True)] for name in train}
+                figures = latest.data.metrics
+            if name in reported:
+                for key in ("train_seconds", "startup_seconds"):
+                    reported[name].setdefault(key, []).append(figures[key])
+    ms = {name: {key: [1000 * v for v in values] for key, values in got.items()} for name, got in reported.items()}
     return {
-        **paired_ratios({name: [w * 1000 for w in walls[name]] for name in train}, "end_to_end_"),
-        **paired_ratios({name: [t * 1000 for t in train[name]] for name in train}, "train_and_eval_"),
-        "startup_seconds": statistics.median(startup["clrx"]),
-        "reference_startup_seconds": statistics.median(startup["reference"]),
+        **paired_ratios({name: [w * 1000 for w in walls[name]] for name in reported}, "end_to_end_"),
+        **paired_ratios({name: ms[name]["train_seconds"] for name in reported}, "train_and_eval_"),
+        **paired_ratios({name: ms[name]["startup_seconds"] for name in reported}, "startup_"),
         "import_torch_timm_seconds": statistics.median(walls["import"]),
-        "startup_over_import": statistics.median(s / i for s, i in zip(startup["clrx"], walls["import"], strict=True)),
+        "startup_over_import": statistics.median(
+            s / i for s, i in zip(reported["clrx"]["startup_seconds"], walls["import"], strict=True)
+        ),
     }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -154,6 +155,8 @@ def fit(
         return session.reduce_mean(flag).item() > 0
 
     start = time.perf_counter() - progress.seconds
+    # Command to first step: the process's age now, imports and start-up included.
+    tracker.metric("startup_seconds", time.time() - psutil.Process().create_time(), progress.step)
     session.model.train()
     try:  # closed also when the run stops early: a message must not land on the bar's line
         for epoch in range(progress.step // per_epoch, trainer.epochs):

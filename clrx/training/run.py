@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
-from clrx.config.schema import check_tracking, check_trainer, main_process
+from clrx.config.schema import check_trainer
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.journal import NAME as JOURNAL
+from clrx.tracking.opening import open_in_background
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import bound_requests, default_uri, flatten, log_config, main_run, open_store, run_name
+from clrx.tracking.store import flatten, log_config, main_run, run_name
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
@@ -117,30 +118,24 @@ def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
     return output_dir / "schedule_preview.png"
 
 
-def _opening(uri: str) -> Future:
-    """The store opened in a thread (seconds of imports and schema checks) while the data loads."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clrx-store")
-    opened = pool.submit(open_store, uri)
-    pool.shutdown(wait=False)
-    return opened
-
-
-def train(cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None) -> Result | None:
+def train(
+    cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None, store: Future | None = None
+) -> Result | None:
     """Build everything ``cfg`` describes, check it, then train (or range-test) one MLflow run.
 
     With ``trainer.resume`` a run continues from a checkpoint, in the same MLflow run. With
-    ``trainer.dry_run`` only the schedule is shown (and None returned).
+    ``trainer.dry_run`` only the schedule is shown (and None returned). ``store``: the client
+    ``open_in_background(cfg)`` is opening, where the caller started it; else it starts here.
     """
     check_trainer(cfg.trainer)
-    check_tracking(cfg.tracking)
+    if store is None:
+        store = open_in_background(cfg)
     resumed = checkpoint.find(cfg.trainer.resume, output_dir)
     if resumed is not None:
         path, saved = resumed
         if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
             cfg.trainer.batch_size = saved["config"]["trainer"]["batch_size"]
         _check_unchanged(cfg, saved["config"], path)
-    bound_requests(cfg.tracking.timeout)
-    store = _opening(cfg.tracking.uri or default_uri()) if main_process() and not cfg.trainer.dry_run else None
     session = prepare(cfg, search_batch=resumed is None)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.dry_run:
