@@ -17,7 +17,7 @@ OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / gro
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS == ["dataset", "model", "optimizer", "policy", "tracking", "trainer"]
+    assert GROUPS == ["dataset", "loss", "model", "optimizer", "policy", "tracking", "trainer"]
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -16,8 +16,8 @@ from clrx.training.run import train
 from clrx.training.session import accelerator_for
 from tests.conftest import ROOT
 
-PER_EPOCH = 1437 // 64
-VAL_IMAGES = 360
+PER_EPOCH = 1438 // 64
+VAL_IMAGES = 359
 # What is compared here (processes, accumulation, bf16 autocast) is CPU behaviour: pinned to the CPU.
 COMMON = ("trainer.epochs=2", "trainer.save_model=false", "trainer.progress=false", "trainer.device=cpu")
 ON_GPU = (*COMMON[:-1], "trainer.device=cuda")
@@ -138,7 +138,7 @@ def test_found_batch_size_is_used_and_logged(tmp_path, store):
     cfg.tracking.uri = uri
     result = train(cfg, tmp_path)
     run = client.get_run(result.run_id)
-    assert run.data.params["trainer.batch_size"] == "200" and result.steps == 1437 // 200
+    assert run.data.params["trainer.batch_size"] == "200" and result.steps == 1438 // 200
 
 
 def test_a_multi_gpu_slurm_job_composes():

@@ -49,7 +49,7 @@ def test_six_runs_started_at_once_on_a_new_store_all_finish_with_every_point(tmp
 
 
 STOPPABLE = ("trainer.epochs=3", "trainer.checkpoint_every=5", "trainer.save_model=false")
-STEPS = 3 * (1437 // 64)
+STEPS = 3 * (1438 // 64)
 
 
 def _points(client, run_id, key):

@@ -86,3 +86,16 @@ def test_state_round_trips_and_numbers_the_steps_from_zero():
     assert resumed.state() == state and resumed.steps == [0, 1, 2, 3]
     state["losses"].append(9.0)
     assert resumed.losses == [3.0, 2.0, 1.0, 0.5]  # a copy, not the checkpoint's list
+
+
+def test_gradient_norms_are_read_with_the_losses_and_logged_beside_them():
+    tracker = Points()
+    recorder = Recorder(tracker, None, every=2, reduce=lambda values: values * 2)
+    for step in range(3):
+        recorder.record(step, 0.1, None, torch.tensor(float(step)), torch.tensor(10.0 + step))
+    assert len(tracker.calls) == 1  # steps 0 and 1 read together; step 2 waits
+    recorder.drain()
+    expected = []
+    for step in range(3):
+        expected += [("lr", 0.1, step), ("train_loss", 2.0 * step, step), ("grad_norm", 20.0 + 2 * step, step)]
+    assert tracker.flat() == expected and recorder.losses == [0.0, 2.0, 4.0]

@@ -13,15 +13,19 @@ from clrx.training import checkpoint
 from clrx.training.run import train
 from tests.conftest import ROOT, main_in_process
 
-PER_EPOCH = 1437 // 64
-# Every step draws random numbers: a random crop and flip of each image and dropout in the model.
-# Identical losses after a resume are a CPU promise: GPU kernels need trainer.deterministic=true for it.
+PER_EPOCH = 1438 // 64
+# Every step draws random numbers: a random crop and flip of each image, dropout in the model and mixup's
+# weight; clipping and an average of the weights carry state. Identical losses after a resume are a CPU
+# promise: GPU kernels need trainer.deterministic=true for it.
 MNIST_PER_EPOCH = 64 // 8
 RANDOM_RUN = (
     "dataset=mnist",
     "dataset.crop_padding=2",
     "dataset.flip=true",
     "+model.drop_rate=0.3",
+    "loss.mixup_alpha=0.4",
+    "trainer.clip_grad_norm=3.0",
+    "trainer.ema=0.9",
     "trainer.batch_size=8",
     "trainer.epochs=4",
     "trainer.checkpoint_every=3",
@@ -73,11 +77,11 @@ def test_killed_run_resumes_into_the_same_mlflow_run_with_identical_steps(
     assert resumed.info.status == "FINISHED" and "clrx.failure" not in resumed.data.tags
     assert "step-00000018.pt" in resumed.data.tags["clrx.resumed_from"]
     total = 4 * MNIST_PER_EPOCH
-    for key in ("lr", "momentum", "train_loss"):
+    for key in ("lr", "momentum", "train_loss", "grad_norm"):
         points = _points(client, killed.info.run_id, key)
         assert [step for step, _ in points] == list(range(total)), key  # no gap, no duplicate
         assert points == _points(client, reference.run_id, key), key  # same values, losses included
-    for key in ("val_acc", "val_loss", "train_loss_epoch", "best_val_acc"):
+    for key in ("val_acc", "val_loss", "val_acc_ema", "val_loss_ema", "train_loss_epoch", "best_val_acc"):
         assert _points(client, killed.info.run_id, key) == _points(client, reference.run_id, key), key
 
 

@@ -14,7 +14,7 @@ from clrx.tracking.report import overlay
 from clrx.tracking.store import PARENT_FILE
 from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server
 
-STEPS_PER_EPOCH = 1437 // 64
+STEPS_PER_EPOCH = 1438 // 64
 
 
 def _sweep_run(tmp_path, *args):
@@ -128,6 +128,13 @@ def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, cap
     assert capsys.readouterr().err.strip() == f"clrx.tracking.report: error: no MLflow run '0123456789abcdef' in {uri}"
 
 
+def test_the_regularization_balance_sweeps_weight_decay_by_label_smoothing_at_one_schedule():
+    cfg = compose_run("+sweep=reg_balance", return_hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    assert params == {"optimizer.weight_decay": "1e-3,1e-4,1e-5,0", "loss.label_smoothing": "0,0.05,0.1"}
+    assert cfg.hydra.runtime.choices["policy"] == "one_cycle" and cfg.policy.max_lr != "auto"
+
+
 def test_bisect_sweeps_three_values_around_the_given_weight_decay():
     cfg = compose_run("+sweep=wd_bisect", "wd=1e-4", return_hydra=True)
     assert cfg.hydra.sweeper.params["optimizer.weight_decay"] == "0.0003,0.0001,3.33e-05"
@@ -146,6 +153,7 @@ def test_launcher_configs_compose(launcher, target):
         ("wd_bisect", 3, ["wd=1e-3"]),
         ("clr_vs_fixed", 6, []),
         ("one_cycle_grid", 12, []),
+        ("reg_balance", 2, ["optimizer.weight_decay=1e-4", "loss.label_smoothing=0,0.1"]),
     ],
 )
 def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
@@ -155,8 +163,11 @@ def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
     parent, children = _family(client, sweep_dir)
     assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
     assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"
-    if sweep != "wd_bisect":  # training sweeps: bounds from the range test, linked from every child
+    if sweep in ("clr_vs_fixed", "one_cycle_grid"):  # bounds from the range test, linked from every child
         assert all("clrx.range_test_run_id" in child.data.tags for child in children)
+    if sweep == "reg_balance":  # one schedule; the regularizers differ
+        assert {c.data.params["loss.label_smoothing"] for c in children} == {"0.0", "0.1"}
+        assert len({c.data.params["policy.max_lr"] for c in children}) == 1
     if sweep == "clr_vs_fixed":  # one shared range: fixed runs sit at its two ends
         variant = "+sweep/clr_vs_fixed="
         params = {

@@ -26,7 +26,17 @@ PRECISIONS = ("no", "bf16", "fp16")
 ON_FAILURE = ("continue", "stop")
 MOST_EPOCHS = 1_000_000
 SEEDS = 2**32  # numpy's generators take seeds below this
-GROUPS = ("model", "dataset", "optimizer", "policy", "range_test", "trainer", "tracking", "sweep")  # +sweep=NAME
+GROUPS = (
+    "model",
+    "dataset",
+    "optimizer",
+    "policy",
+    "range_test",
+    "loss",
+    "trainer",
+    "tracking",
+    "sweep",
+)  # +sweep=NAME
 URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
 # A length a preset gives in one form, which a command-line value in the other form replaces.
 OTHER_FORM = {"stepsize": "stepsize_epochs", "stepsize_epochs": "stepsize"}
@@ -66,6 +76,19 @@ class TrainerConfig:
     keep_last: int = 2  # checkpoints kept in <run dir>/checkpoints; 0: write none
     resume: str | None = None  # auto (newest in the run dir, if any) or a checkpoint file or folder
     resume_changed: bool = False  # resume although the config differs from the checkpoint's
+    clip_grad_norm: float | None = None  # scale gradients down to this global norm (fp16: after unscaling)
+    clip_grad_value: float | None = None  # clamp every gradient element to [-value, value]
+    ema: float | None = None  # decay of an average of the weights, evaluated each epoch (val_acc_ema); None: off
+    ema_warmup: bool = False  # timm's warm-up: the average follows the weights closely early in the run
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.0  # this share of the target spread evenly over all classes
+    mixup_alpha: float = 0.0  # mix image pairs with weights from Beta(alpha, alpha) (timm's Mixup); 0: off
+    cutmix_alpha: float = 0.0  # paste a box of the paired image, its area from Beta(alpha, alpha); 0: off
+    mix_prob: float = 1.0  # chance that a batch is mixed at all
+    switch_prob: float = 0.5  # with both on: chance of CutMix rather than mixup for a batch
 
 
 @dataclass
@@ -88,6 +111,28 @@ def check_trainer(trainer: TrainerConfig) -> None:
     for key, allowed in (("device", DEVICES), ("precision", PRECISIONS)):
         if getattr(trainer, key) not in allowed:
             raise ConfigError(f"trainer.{key}", f"must be one of {', '.join(allowed)}, got {getattr(trainer, key)!r}")
+    for key in ("clip_grad_norm", "clip_grad_value"):
+        if getattr(trainer, key) is not None and not getattr(trainer, key) > 0:
+            raise ConfigError(
+                f"trainer.{key}", f"must be a positive number or null (no clipping), got {getattr(trainer, key)}"
+            )
+    if trainer.clip_grad_norm is not None and trainer.clip_grad_value is not None:
+        raise ConfigError("trainer.clip_grad_value", "clip by norm or by value, not both; set the other to null")
+    if trainer.ema is not None and not 0 < trainer.ema < 1:
+        raise ConfigError("trainer.ema", f"must be a decay in (0, 1) such as 0.999, or null (off), got {trainer.ema}")
+
+
+def check_loss(loss: LossConfig) -> None:
+    ranges = {
+        "label_smoothing": (0, 1, "[0, 1)"),
+        "mixup_alpha": (0, float("inf"), "at least 0 (0: off)"),
+        "cutmix_alpha": (0, float("inf"), "at least 0 (0: off)"),
+        "mix_prob": (0, 1.0000001, "in [0, 1]"),
+        "switch_prob": (0, 1.0000001, "in [0, 1]"),
+    }
+    for key, (low, high, allowed) in ranges.items():
+        if not low <= getattr(loss, key) < high:
+            raise ConfigError(f"loss.{key}", f"must be {allowed}, got {getattr(loss, key)}")
 
 
 def check_tracking(tracking: TrackingConfig) -> None:
@@ -117,9 +162,13 @@ def check_added(overrides: Iterable[str]) -> None:
     """Refuse a ``+key`` no part of clrx reads (a typo), naming close ones.
 
     Model, dataset, policy and optimizer settings are checked by what they build (timm models
-    take extra keys); the top level and the trainer's and tracking's settings are checked here.
+    take extra keys); the top level and the trainer's, tracking's and loss's settings are checked here.
     """
-    fields = {"trainer": TrainerConfig.__dataclass_fields__, "tracking": TrackingConfig.__dataclass_fields__}
+    fields = {
+        "trainer": TrainerConfig.__dataclass_fields__,
+        "tracking": TrackingConfig.__dataclass_fields__,
+        "loss": LossConfig.__dataclass_fields__,
+    }
     for override in overrides:
         key = override.split("=", 1)[0]
         if not key.startswith("+") or "/" in key or "@" in key:  # a group choice, such as +sweep=NAME
@@ -211,3 +260,4 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(group="trainer", name="base_trainer", node=TrainerConfig)
     store.store(group="tracking", name="base_tracking", node=TrackingConfig)
+    store.store(group="loss", name="base_loss", node=LossConfig)

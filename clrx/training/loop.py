@@ -176,6 +176,8 @@ def fit(
             recorder.drain()
             if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
                 progress.scores = session.evaluate()
+                if session.ema is not None:  # the averaged weights, scored alongside
+                    progress.scores |= {f"{key}_ema": v for key, v in session.evaluate(session.ema.module).items()}
                 progress.best = max(progress.best, progress.scores["val_acc"])
                 epoch_loss = recorder.epoch_loss(per_epoch)
                 tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
@@ -195,6 +197,9 @@ def fit(
     if trainer.save_model and accelerator.is_main_process:
         checkpoint.write_atomically(session.plain_model.state_dict(), output_dir / "model.pt")
         tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
+        if session.ema is not None:
+            checkpoint.write_atomically(session.ema.module.state_dict(), output_dir / "model_ema.pt")
+            tracker.tags({"clrx.model_ema_path": str(output_dir / "model_ema.pt")})
     return Result(
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,

@@ -1,6 +1,6 @@
-"""The per-step record of a run: applied lr and momentum, and the loss.
+"""The per-step record of a run: applied lr and momentum, the loss, and the gradient norm where clipped.
 
-Losses stay on the device as tensors and are read back every ``every`` steps with a single sync,
+Losses (and norms) stay on the device as tensors and are read back every ``every`` steps with a single sync,
 so a GPU step never waits for the host; that read also averages them over the processes (so all
 of them see the same numbers) and checks the loss is still finite.
 """
@@ -36,11 +36,14 @@ class Recorder:
         self.losses: list[float] = []
         self._pending: list[torch.Tensor] = []
 
-    def record(self, step: int, lr: float, momentum: float | None, loss: torch.Tensor) -> None:
+    def record(
+        self, step: int, lr: float, momentum: float | None, loss: torch.Tensor, grad_norm: torch.Tensor | None = None
+    ) -> None:
         self.steps.append(step)
         self.lrs.append(lr)
         self.momenta.append(momentum)
-        self._pending.append(loss.detach())
+        loss = loss.detach().float()
+        self._pending.append(loss if grad_norm is None else torch.stack([loss, grad_norm.detach().float()]))
         if len(self._pending) >= self.every:
             self.drain()
 
@@ -48,7 +51,8 @@ class Recorder:
         """Read pending losses, stop on a non-finite one, and pass every point to the tracker."""
         if not self._pending:
             return
-        values = self.reduce(torch.stack(self._pending).float()).tolist()
+        read = self.reduce(torch.stack(self._pending)).tolist()
+        values = [each[0] if isinstance(each, list) else each for each in read]
         first = len(self.losses)
         self._pending = []
         points = []
@@ -64,6 +68,8 @@ class Recorder:
             if self.momentum_name is not None:
                 points.append((self.momentum_name, self.momenta[index], step))
             points.append(("train_loss", loss, step))
+            if isinstance(read[index - first], list):
+                points.append(("grad_norm", read[index - first][1], step))
         self.losses.extend(values)
         self.tracker.points(points)
         self.on_drain(len(values), self.lrs[-1], self.losses[-1])

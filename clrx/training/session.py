@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from omegaconf import DictConfig
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, instantiate
@@ -32,6 +33,7 @@ from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
+from clrx.training.loss import TrainingLoss, training_loss
 from clrx.training.recorder import Recorder
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -53,6 +55,9 @@ class Session:
     steps_per_epoch: int  # optimizer steps
     total_steps: int
     momentum: str | None
+    loss: TrainingLoss
+    ema: ModelEmaV3 | None = None  # the average of the weights, where trainer.ema asks for one
+    grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping, where it clips
 
     def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[Batch]]:
         """One optimizer step over the micro batches of one global batch.
@@ -64,11 +69,13 @@ class Session:
         for index, (images, labels) in enumerate(micro):
             last = index == len(micro) - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                logits = self.model(self.inputs(images, train=True))
-                loss = F.cross_entropy(logits, labels)
+                images, targets = self.loss.targets(self.inputs(images, train=True), labels)
+                logits = self.model(images)
+                loss = self.loss.loss(logits, targets)
                 self.accelerator.backward(loss if len(micro) == 1 else loss / len(micro))
             total = total + loss.detach()
             outputs.append((logits.detach(), labels))
+        self.grad_norm = self._clip()
         # Accelerate's optimizer wrapper spends ~0.8 ms of Python a step (package lookups, signature
         # inspection); it is needed only to drive the fp16 loss scaler.
         (self.torch_optimizer if self.accelerator.scaler is None else self.optimizer).step()
@@ -84,7 +91,22 @@ class Session:
         apply_hyper(self.optimizer, policy(step))
         lr, momentum = self.optimizer.param_groups[0]["lr"], applied_momentum(self.optimizer)
         loss, _ = self.step(micro)
-        recorder.record(step, lr, momentum, loss)
+        if self.ema is not None:
+            self.ema.update(self.plain_model, step=step + 1)  # timm counts updates: the first copies the weights
+        recorder.record(step, lr, momentum, loss, self.grad_norm)
+
+    def _clip(self) -> torch.Tensor | None:
+        """Clip the gradients as trainer.clip_grad_norm or clip_grad_value say; their norm before clipping."""
+        trainer = self.cfg.trainer
+        if trainer.clip_grad_norm is None and trainer.clip_grad_value is None:
+            return None
+        self.accelerator.unscale_gradients()  # fp16: the true gradients first (a no-op otherwise)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if trainer.clip_grad_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        torch.nn.utils.clip_grad_value_(params, trainer.clip_grad_value)
+        return norm
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[Batch]]:
         """The optimizer steps of epoch ``epoch`` (from 0), each a list of micro batches.
@@ -109,16 +131,17 @@ class Session:
             yield from self.epoch(epoch)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss and top-1 accuracy over the whole set (each sample counted once).
+    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Validation loss and top-1 accuracy of ``model`` (the run's) over the whole set (each sample counted once).
 
         Sums stay on the device and are read back once, after the last batch.
         """
-        self.model.eval()
+        evaluated = self.model if model is None else model
+        evaluated.eval()
         shared = isinstance(self.val_loader, DeviceBatches)  # each process holds its own share of a batch
         totals = torch.zeros(2, device=self.accelerator.device, dtype=torch.float64)  # loss sum, correct
         for images, labels in self.val_loader:
-            logits = self.model(self.inputs(images, train=False))
+            logits = evaluated(self.inputs(images, train=False))
             if not shared:
                 logits, labels = self.accelerator.gather_for_metrics((logits, labels))
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -153,6 +176,7 @@ class Session:
             "model": self.plain_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": None if scaler is None else scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.module.state_dict(),
         }
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -160,6 +184,8 @@ class Session:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, "mean")
@@ -267,6 +293,12 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     _check_batch_norm(model, trainer, accelerator.num_processes)
     train_loader, val_loader = _loaders(data, trainer, accelerator)
     steps_per_epoch = len(train_loader) // trainer.grad_accum
+    micro_batch = trainer.batch_size // (accelerator.num_processes * trainer.grad_accum)
+    ema = (
+        None
+        if trainer.ema is None
+        else ModelEmaV3(accelerator.unwrap_model(model), trainer.ema, use_warmup=trainer.ema_warmup)
+    )
     return Session(
         cfg=cfg,
         accelerator=accelerator,
@@ -278,4 +310,6 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
         steps_per_epoch=steps_per_epoch,
         total_steps=trainer.epochs * steps_per_epoch,
         momentum=momentum_name(optimizer),
+        loss=training_loss(cfg.loss, data.num_classes, micro_batch),
+        ema=ema,
     )
