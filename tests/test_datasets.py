@@ -1,10 +1,13 @@
 """Dataset formats read from real (tiny) files, the device-side augmentation, models and optimizers."""
 
+import math
+
 import pytest
+import timm
 import torch
 from scipy.stats import chi2_contingency
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
+from torchvision.transforms import Normalize, v2
 
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import compose_run
@@ -53,8 +56,10 @@ def test_each_format_loads_with_the_right_shape_labels_and_normalization(option,
         mean = torch.tensor(data.pipeline.mean).view(1, -1, 1, 1)
         std = torch.tensor(data.pipeline.std).view(1, -1, 1, 1)
         assert torch.allclose(batch, (images.float() / 255 - mean) / std)
-    else:  # decoded, cropped and normalized per image in the workers
-        assert -3 < batch.mean() < 3 and batch.std() > 0.5
+    else:  # decoded, cropped and normalized per image in the workers, with the model's statistics (test_resnet's)
+        [normalize] = [t for t in data.val.transform.transforms if isinstance(t, v2.Normalize | Normalize)]
+        assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.5, 0.5, 0.5)
+        assert -1 <= batch.min() and batch.max() <= 1  # (x - 0.5) / 0.5 of values in [0, 1]
 
 
 @pytest.mark.parametrize("option", FORMATS)
@@ -208,3 +213,22 @@ def test_a_stratified_split_holds_out_the_fraction_of_every_class_the_same_way_e
     again = stratified_split(labels, fraction, seed=3)
     assert torch.equal(again[0], train) and torch.equal(again[1], held)
     assert not torch.equal(stratified_split(labels, fraction, seed=4)[1], held)
+
+
+def test_image_folders_are_transformed_by_timms_recipe_with_the_models_statistics(data_root):
+    names = lambda transform: [type(step).__name__ for step in transform.transforms]  # noqa: E731
+    recipe = ("dataset.auto_augment=rand-m9-mstd0.5", "dataset.re_prob=0.25", "model=vit_tiny")
+    data = build_data(_dataset("imagefolder", data_root, *recipe).dataset)
+    train_steps, eval_steps = names(data.train.transform), names(data.val.transform)
+    assert train_steps[:3] == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment"]
+    assert train_steps[-1] == "RandomErasing" and "ColorJitter" not in train_steps  # auto-augment replaces it
+    assert eval_steps[-2:] == ["MaybeToTensor", "Normalize"] and "RandomErasing" not in eval_steps
+    vit = timm.get_pretrained_cfg("vit_tiny_patch16_224")
+    resize = data.val.transform.transforms[0]
+    assert resize.size == math.floor(24 / vit.crop_pct) and resize.interpolation.value == vit.interpolation
+    assert tuple(data.val.transform.transforms[-1].mean) == vit.mean
+    given = build_data(
+        _dataset("imagefolder", data_root, "dataset.mean=[0.1,0.2,0.3]", "dataset.augment=false").dataset
+    )
+    assert tuple(given.train.transform.transforms[-1].mean) == (0.1, 0.2, 0.3)
+    assert "RandomHorizontalFlip" not in names(given.train.transform)

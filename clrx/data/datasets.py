@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
-from torchvision import datasets, transforms
+from timm.data import create_transform, resolve_data_config
+from torchvision import datasets
 
 from clrx.data.augment import Pipeline
 from clrx.data.splits import Splits, TensorImages, stratified_split
 from clrx.errors import ConfigError, check_positive_whole
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # CIFAR's python version: folder, training files, test file, label key, meta file, names key.
 CIFAR = {
@@ -153,15 +154,25 @@ def imagefolder(
     root: str,
     image_size: int = 224,
     augment: bool = True,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    color_jitter: float | None = 0.4,
     normalize: bool = True,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    model_name: str | None = None,
     num_workers: int | None = None,
 ) -> Splits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test``): ImageNet, Imagenette, exported sets.
 
-    Training images get a random resized crop and a flip (``augment``), evaluation images a resize
-    to 8/7 of ``image_size`` and a center crop, the ImageNet recipe.
+    Transforms are timm's ``create_transform``, as timm's training script builds them: for training
+    a random resized crop, a flip, color jitter or ``auto_augment`` (``rand-m9-mstd0.5``,
+    ``augmix-m5-w4-d2``, ``original``...) and random erasing with probability ``re_prob``
+    (``augment=false``: resize and center crop only); for evaluation a resize by ``crop_pct`` and a
+    center crop. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` left null are the model's own
+    (timm's pretrained config for ``model_name``), else ImageNet's.
     """
     base = Path(root).expanduser().resolve()
     val_dir = next((base / name for name in FOLDER_VAL if (base / name).is_dir()), None)
@@ -173,17 +184,26 @@ def imagefolder(
         raise ConfigError(
             "num_workers", f"must be a whole number >= 0 (null: one per core, up to 8), got {num_workers!r}"
         )
-    finish = [transforms.ToTensor()]
-    if normalize:
-        finish.append(transforms.Normalize(mean, std))
-    if augment:
-        train_steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    else:
-        train_steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
-    evaluate = [transforms.Resize(round(image_size * 8 / 7)), transforms.CenterCrop(image_size)]
+    given = {"mean": mean, "std": std, "interpolation": interpolation, "crop_pct": crop_pct}
+    known = timm.models.get_pretrained_cfg(model_name) if model_name else None
+    data = resolve_data_config(
+        args={"input_size": (3, image_size, image_size), **{k: v for k, v in given.items() if v is not None}},
+        pretrained_cfg=None if known is None else known.to_dict(),
+    )
+    shared = {key: data[key] for key in ("interpolation", "mean", "std", "crop_pct")} | {"normalize": normalize}
+    train_steps = create_transform(
+        image_size,
+        is_training=True,
+        no_aug=not augment,
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        color_jitter=color_jitter,
+        **shared,
+    )
+    evaluate = create_transform(image_size, is_training=False, **shared)
     try:
-        train = datasets.ImageFolder(base / "train", transforms.Compose(train_steps + finish))
-        val = datasets.ImageFolder(val_dir, transforms.Compose(evaluate + finish))
+        train = datasets.ImageFolder(base / "train", train_steps)
+        val = datasets.ImageFolder(val_dir, evaluate)
     except (FileNotFoundError, RuntimeError) as error:
         raise ConfigError("root", str(error).splitlines()[0]) from None
     if val.classes != train.classes:
