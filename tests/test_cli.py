@@ -1,6 +1,7 @@
 """The real command line, end to end, checked through MLflow's own client."""
 
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -105,6 +106,13 @@ def _one_cycle(k, steps=STEPS_PER_EPOCH, low=5e-4, high=5e-3):
     return low - (low - low / 100) * (k - 2 * half) / (steps - 1 - 2 * half), 0.95
 
 
+def _cosine(k, steps=STEPS_PER_EPOCH, low=0.05, high=0.5, warmup=5):
+    """Warm-up then cosine by hand: up over ``warmup`` steps, then half a cosine to 0 at the last step."""
+    if k < warmup:
+        return low + (high - low) * k / warmup, 0.9
+    return high * (1 + math.cos(math.pi * (k - warmup) / (steps - 1 - warmup))) / 2, 0.9
+
+
 def _triangle(k, low=0.05, high=0.5, stepsize=5):
     """The paper's triangle by hand: up over ``stepsize`` steps, down over as many; momentum left alone."""
     position = k % (2 * stepsize)
@@ -116,8 +124,9 @@ def _triangle(k, low=0.05, high=0.5, stepsize=5):
     [
         (["optimizer=adam", "policy.base_lr=5e-4", "policy.max_lr=5e-3"], "beta1", _one_cycle),
         (["policy=triangular", "policy.stepsize=5", "policy.stepsize_epochs=null"], "momentum", _triangle),
+        (["policy=cosine", "policy.warmup_steps=5"], "momentum", _cosine),
     ],
-    ids=["adam-one_cycle", "sgd-triangular"],
+    ids=["adam-one_cycle", "sgd-triangular", "sgd-cosine"],
 )
 def test_logged_lr_and_momentum_are_what_each_optimizer_step_used(tmp_path, store, overrides, momentum, formula):
     uri, client = store
@@ -147,7 +156,12 @@ def test_logged_lr_and_momentum_are_what_each_optimizer_step_used(tmp_path, stor
 BAD_INPUT = [
     (["policy.base_lr=0.9"], "policy.base_lr"),
     (["policy=triangular", "policy.stepsize=0", "policy.stepsize_epochs=null"], "policy.stepsize"),
-    (["policy=cosine"], "choose one of: decay, exp, exp_range, fixed, hann, multistage, one_cycle, range_test, "),
+    (
+        ["policy=sgdr"],
+        "choose one of: cosine, decay, exp, exp_range, fit_one_cycle, fixed, hann, multistage, one_cycle, range_test, ",
+    ),
+    (["policy=cosine", "policy.cycle_decay=2"], "policy.cycle_decay: must be in (0, 1], got 2"),
+    (["policy.anneal=cosine"], "policy.anneal: must be one of linear, cos, got 'cosine'"),
     (["model.name=resnet1"], "close names: resnet18"),
     (["policy.max_momentum=1.2"], "policy.max_momentum"),
     (["optimizer.momentum=1.5"], "optimizer.momentum"),
