@@ -14,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
-from clrx.schedules.policies import Cyclic, Decay, OneCycle
+from clrx.schedules.policies import Cosine, Cyclic, Decay, OneCycle
 from clrx.training.run import train, turning_points
 from clrx.training.session import accelerator_for
 from tests.conftest import ROOT, main_in_process, run_cli
@@ -270,6 +270,9 @@ def test_turning_points_are_the_start_peaks_troughs_corners_and_end():
     hann = Cyclic(base_lr=0.1, max_lr=1.0, stepsize=7, window="hann")
     assert turning_points([hann(k).lr for k in range(60)]) == [0, 7, 14, 21, 28, 35, 42, 49, 56, 59]
     assert turning_points([0.1] * 5) == [0, 4]
+    sgdr = Cosine(0.05, 0.5, 176, warmup_steps=11, cycle_steps=44, cycle_decay=0.5, cycle_limit=3)
+    lrs = [sgdr(k).lr for k in range(176)]  # warm-up peak, each cycle's trough and restart, the floor, not inflections
+    assert turning_points(lrs) == [0, 11, 54, 55, 98, 99, 143, 175]
 
 
 def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypatch, capsys):
