@@ -240,7 +240,12 @@ def test_cosine_warms_up_then_anneals_to_the_floor_by_hand():
         [0.05, 0.275, 0.5, 0.5 * (1 + math.sqrt(0.5)) / 2, 0.25, 0.5 * (1 - math.sqrt(0.5)) / 2, 0.0, 0.0]
     )
     floor = Cosine(base_lr=0.05, max_lr=0.5, total_steps=111, warmup_steps=10, min_lr=0.1, momentum=0.9)
-    assert [floor(k) for k in (60, 110, 500)] == [Hyper(pytest.approx(0.3), 0.9), Hyper(0.1, 0.9), Hyper(0.1, 0.9)]
+    assert [floor(k) for k in (5, 60, 110, 500)] == [
+        Hyper(pytest.approx(0.275), 0.9),
+        Hyper(pytest.approx(0.3), 0.9),
+        Hyper(0.1, 0.9),
+        Hyper(0.1, 0.9),
+    ]
     assert Cosine(0.05, 0.5, total_steps=21)(0).lr == 0.5  # no warm-up: starts at the peak
 
 
@@ -552,8 +557,8 @@ def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
 @pytest.mark.parametrize(
     "policy",
     [Fixed(0.1, 0.8), Exp(0.1, 0.9, 0.8), Decay(0.01, 0.1, 5, 0.8), LRRange(0.01, 1.0, 5, momentum=0.8)]
-    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8)],
-    ids=["fixed", "exp", "decay", "range_test", "range_test_exp"],
+    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8), Cosine(0.01, 0.1, 6, warmup_steps=3, momentum=0.8)],
+    ids=["fixed", "exp", "decay", "range_test", "range_test_exp", "cosine"],
 )
 def test_a_fixed_momentum_is_applied_at_every_step(policy):
     assert [policy(step).momentum for step in range(8)] == [0.8] * 8

@@ -330,8 +330,7 @@ class Cosine:
             return Hyper(_lerp(self.base_lr, self.max_lr, step / self.warmup_steps), self.momentum)
         t, first, mul = step - self.warmup_steps, self.first_cycle, self.cycle_mul
         if mul == 1:
-            cycle = t // first
-            length, into = first, t - first * cycle
+            (cycle, into), length = divmod(t, first), first
         else:  # each cycle mul times the last: timm's closed form, so both pick the same cycle at its edges
             cycle = math.floor(math.log(1 - t / first * (1 - mul), mul))
             length, into = mul**cycle * first, t - (1 - mul**cycle) / (1 - mul) * first
