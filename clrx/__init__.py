@@ -15,7 +15,7 @@ _HOMES = {
     "suggest": "clrx.range_test.suggest",
     "PolicyScheduler": "clrx.schedules.scheduler",
     **dict.fromkeys(
-        ("Cyclic", "Decay", "Exp", "Fixed", "Hyper", "LRRange", "OneCycle", "Policy", "Stages"),
+        ("Cosine", "Cyclic", "Decay", "Exp", "Fixed", "Hyper", "LRRange", "OneCycle", "Policy", "Stages"),
         "clrx.schedules.policies",
     ),
 }

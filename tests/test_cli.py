@@ -1,6 +1,7 @@
 """The real command line, end to end, checked through MLflow's own client."""
 
 import importlib
+import math
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
-from clrx.schedules.policies import Cyclic, Decay, OneCycle
+from clrx.schedules.policies import Cosine, Cyclic, Decay, OneCycle
 from clrx.training.run import train, turning_points
 from clrx.training.session import accelerator_for
 from tests.conftest import ROOT, main_in_process, run_cli
@@ -105,6 +106,13 @@ def _one_cycle(k, steps=STEPS_PER_EPOCH, low=5e-4, high=5e-3):
     return low - (low - low / 100) * (k - 2 * half) / (steps - 1 - 2 * half), 0.95
 
 
+def _cosine(k, steps=STEPS_PER_EPOCH, low=0.05, high=0.5, warmup=5):
+    """Warm-up then cosine by hand: up over ``warmup`` steps, then half a cosine to 0 at the last step."""
+    if k < warmup:
+        return low + (high - low) * k / warmup, 0.9
+    return high * (1 + math.cos(math.pi * (k - warmup) / (steps - 1 - warmup))) / 2, 0.9
+
+
 def _triangle(k, low=0.05, high=0.5, stepsize=5):
     """The paper's triangle by hand: up over ``stepsize`` steps, down over as many; momentum left alone."""
     position = k % (2 * stepsize)
@@ -116,8 +124,9 @@ def _triangle(k, low=0.05, high=0.5, stepsize=5):
     [
         (["optimizer=adam", "policy.base_lr=5e-4", "policy.max_lr=5e-3"], "beta1", _one_cycle),
         (["policy=triangular", "policy.stepsize=5", "policy.stepsize_epochs=null"], "momentum", _triangle),
+        (["policy=cosine", "policy.warmup_steps=5"], "momentum", _cosine),
     ],
-    ids=["adam-one_cycle", "sgd-triangular"],
+    ids=["adam-one_cycle", "sgd-triangular", "sgd-cosine"],
 )
 def test_logged_lr_and_momentum_are_what_each_optimizer_step_used(tmp_path, store, overrides, momentum, formula):
     uri, client = store
@@ -147,7 +156,12 @@ def test_logged_lr_and_momentum_are_what_each_optimizer_step_used(tmp_path, stor
 BAD_INPUT = [
     (["policy.base_lr=0.9"], "policy.base_lr"),
     (["policy=triangular", "policy.stepsize=0", "policy.stepsize_epochs=null"], "policy.stepsize"),
-    (["policy=cosine"], "choose one of: decay, exp, exp_range, fixed, hann, multistage, one_cycle, range_test, "),
+    (
+        ["policy=sgdr"],
+        "choose one of: cosine, decay, exp, exp_range, fit_one_cycle, fixed, hann, multistage, one_cycle, range_test, ",
+    ),
+    (["policy=cosine", "policy.cycle_decay=2"], "policy.cycle_decay: must be in (0, 1], got 2"),
+    (["policy.anneal=cosine"], "policy.anneal: must be one of linear, cos, got 'cosine'"),
     (["model.name=resnet1"], "close names: resnet18"),
     (["policy.max_momentum=1.2"], "policy.max_momentum"),
     (["optimizer.momentum=1.5"], "optimizer.momentum"),
@@ -256,6 +270,9 @@ def test_turning_points_are_the_start_peaks_troughs_corners_and_end():
     hann = Cyclic(base_lr=0.1, max_lr=1.0, stepsize=7, window="hann")
     assert turning_points([hann(k).lr for k in range(60)]) == [0, 7, 14, 21, 28, 35, 42, 49, 56, 59]
     assert turning_points([0.1] * 5) == [0, 4]
+    sgdr = Cosine(0.05, 0.5, 176, warmup_steps=11, cycle_steps=44, cycle_decay=0.5, cycle_limit=3)
+    lrs = [sgdr(k).lr for k in range(176)]  # warm-up peak, each cycle's trough and restart, the floor, not inflections
+    assert turning_points(lrs) == [0, 11, 54, 55, 98, 99, 143, 175]
 
 
 def test_dry_run_shows_the_schedule_and_trains_nothing(tmp_path, store, monkeypatch, capsys):

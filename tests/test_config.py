@@ -67,10 +67,35 @@ def test_one_cycle_spans_the_run_unless_told_otherwise():
     assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).total_steps == 100
 
 
+def test_cosine_lengths_in_epochs_become_steps_and_a_given_form_wins_over_the_presets():
+    policy = build_policy(compose_run("policy=cosine").policy, steps_per_epoch=22, total_steps=176)
+    assert (policy.warmup_steps, policy.cycle_steps, policy.first_cycle) == (11, None, 164)
+    cfg = compose_run("policy=cosine", "policy.warmup_epochs=0", "policy.cycle_epochs=1.5", "policy.cycle_limit=3")
+    policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
+    assert (policy.warmup_steps, policy.cycle_steps, policy.cycle_limit) == (0, 33, 3)
+    cfg = compose_run("policy=cosine", "policy.warmup_steps=3", "policy.cycle_steps=40")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).warmup_steps == 3
+
+
+def test_pct_start_given_on_the_command_line_replaces_the_presets_annihilate_pct():
+    cfg = compose_run("policy=one_cycle", "policy.pct_start=0.3", "policy.anneal=cos")
+    policy = build_policy(cfg.policy, steps_per_epoch=22, total_steps=176)
+    assert (policy.annihilate_pct, policy.pct_start, policy.anneal, policy.peak) == (None, 0.3, "cos", 0.3 * 175)
+    cfg = compose_run("policy=fit_one_cycle", "policy.annihilate_pct=0.2", "policy.three_phase=true")
+    assert build_policy(cfg.policy, steps_per_epoch=22, total_steps=176).peak == 0.4 * 175
+
+
 @pytest.mark.parametrize(
     "overrides, setting",
     [
         (["policy=triangular", "policy.stepsize=5", "policy.stepsize_epochs=2"], "policy.stepsize"),  # both given
+        (["policy=cosine", "policy.warmup_steps=5", "policy.warmup_epochs=1"], "policy.warmup_steps"),
+        (["policy=cosine", "policy.warmup_epochs=-1"], "policy.warmup_epochs"),
+        (["policy=cosine", "policy.cycle_epochs=0"], "policy.cycle_epochs"),
+        (["policy=cosine", "policy.cycle_mul=0.5"], "policy.cycle_mul"),
+        (["policy=cosine", "policy.warmup_epochs=8"], "policy.warmup_steps"),  # nothing left for the cosine
+        (["policy=one_cycle", "policy.three_phase=false"], "policy.annihilate_pct"),
+        (["policy=one_cycle", "policy.anneal=cosine"], "policy.anneal"),
         (["policy=triangular", "policy.stepsize_epochs=0"], "policy.stepsize_epochs"),
         (["+policy.warmup=3"], "policy.warmup"),
         (["policy._target_=clrx.schedules.policies.Nope"], "policy._target_"),

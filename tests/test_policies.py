@@ -8,10 +8,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
-from clrx.schedules.policies import CYCLIC_MODES, Cyclic, Decay, Exp, Fixed, Hyper, LRRange, OneCycle, Stages
+from clrx.schedules.policies import (
+    ANNEALS,
+    CYCLIC_MODES,
+    Cosine,
+    Cyclic,
+    Decay,
+    Exp,
+    Fixed,
+    Hyper,
+    LRRange,
+    OneCycle,
+    Stages,
+)
 from clrx.schedules.scheduler import PolicyScheduler
 
 
@@ -89,34 +102,46 @@ def test_cyclic_matches_torch_cycliclr(lrs, stepsize, cycles, mode, gamma, momen
         _assert_same(policy, {step: _torch_at(oracle, step)}, max_lr, momentum is not None)
 
 
+# One-cycle's phase lengths: the three-phase form's annihilation share or its rise, or the two-phase form's rise.
+phases = st.one_of(
+    st.tuples(st.just(True), st.floats(0.001, 0.95), st.none()),
+    st.tuples(st.just(True), st.none(), st.floats(0.025, 0.4995)),  # torch needs some annihilation
+    st.tuples(st.just(False), st.none(), st.floats(0.001, 0.999)),
+)
+
+
 @settings(deadline=None)
 @given(
     lrs=bounds,
     total_steps=st.integers(2, 400),
-    annihilate_pct=st.floats(0.001, 0.95),
+    phase=phases,
+    anneal=st.sampled_from(list(ANNEALS)),
     final_div=st.floats(1.0, 1e8),
     momentum=momenta,
 )
-def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, annihilate_pct, final_div, momentum):
-    """clrx's one-cycle is torch's linear three-phase OneCycleLR, parametrized differently.
+def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, phase, anneal, final_div, momentum):
+    """clrx's one-cycle is torch's OneCycleLR, parametrized differently.
 
     Deliberate differences, mapped here: clrx gives both bounds (torch: max_lr and div_factor)
-    and places the cycle by the share of the run left for annihilation, splitting the
-    ``total_steps - 1`` intervals exactly; torch ends its phases at ``pct_start * T - 1`` and
-    ``2 * pct_start * T - 2``. With ``pct_start = (half + 1) / T`` the phases coincide.
+    and places the peak by a share of the ``total_steps - 1`` intervals between steps, splitting
+    them exactly; torch ends its phases at ``pct_start * T - 1`` and (three-phase)
+    ``2 * pct_start * T - 2``. With ``pct_start = (peak + 1) / T`` the phases coincide.
     torch cannot express ``annihilate_pct=0`` (an empty third phase divides by zero); clrx then
     ends the run at ``base_lr``, checked in ``test_one_cycle_shape_follows_the_paper``.
     """
     base_lr, max_lr = lrs
     base_m, max_m = momentum or (None, None)
-    policy = OneCycle(base_lr, max_lr, total_steps, annihilate_pct, final_div, base_m, max_m)
+    three_phase, annihilate_pct, pct_start = phase
+    policy = OneCycle(
+        base_lr, max_lr, total_steps, annihilate_pct, final_div, base_m, max_m, anneal, pct_start, three_phase
+    )
     oracle = torch.optim.lr_scheduler.OneCycleLR(
         _sgd(),
         max_lr=max_lr,
         total_steps=total_steps,
-        pct_start=(policy.half_cycle + 1) / total_steps,
-        anneal_strategy="linear",
-        three_phase=True,
+        pct_start=(policy.peak + 1) / total_steps,
+        anneal_strategy=anneal,
+        three_phase=three_phase,
         div_factor=max_lr / base_lr,
         final_div_factor=final_div,
         cycle_momentum=momentum is not None,
@@ -124,6 +149,51 @@ def test_one_cycle_matches_torch_onecyclelr(lrs, total_steps, annihilate_pct, fi
         max_momentum=0.95 if max_m is None else max_m,
     )
     _assert_same(policy, _trace(oracle, total_steps), max_lr, momentum is not None)
+
+
+@settings(deadline=None)
+@given(
+    lrs=bounds,
+    total_steps=st.integers(2, 400),
+    warmup=st.integers(0, 60),
+    cycle_steps=st.one_of(st.none(), st.integers(1, 120)),
+    cycle_mul=st.one_of(st.just(1.0), st.floats(1.0, 3.0)),
+    cycle_decay=st.floats(0.0, 1.0, exclude_min=True),
+    cycle_limit=st.integers(1, 6),
+    floor=st.one_of(st.just(0.0), st.floats(0.0, 1.0, exclude_max=True)),
+)
+def test_cosine_matches_timms_cosine_lr_scheduler(
+    lrs, total_steps, warmup, cycle_steps, cycle_mul, cycle_decay, cycle_limit, floor
+):
+    """clrx's cosine is timm's ``CosineLRScheduler`` counted in updates, its cycles after the warm-up.
+
+    Mapped here: clrx's ``base_lr`` is timm's ``warmup_lr_init``, ``max_lr`` the optimizer's LR,
+    ``min_lr`` timm's ``lr_min``; an unset cycle is the rest of the run to its last step.
+    Every step of the run, and as many again past its end (restarts, then the floor).
+    """
+    base_lr, max_lr = lrs
+    warmup = min(warmup, total_steps - 2) if cycle_steps is None else warmup  # an unset cycle needs a step
+    policy = Cosine(
+        base_lr, max_lr, total_steps, warmup, cycle_steps, cycle_mul, cycle_decay, cycle_limit, floor * max_lr
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+    oracle = CosineLRScheduler(
+        optimizer,
+        t_initial=policy.first_cycle,
+        lr_min=floor * max_lr,
+        cycle_mul=cycle_mul,
+        cycle_decay=cycle_decay,
+        cycle_limit=cycle_limit,
+        warmup_t=warmup,
+        warmup_lr_init=base_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    expected = {}
+    for step in range(2 * total_steps):
+        oracle.step_update(num_updates=step)
+        expected[step] = Hyper(optimizer.param_groups[0]["lr"])
+    _assert_same(policy, expected, max_lr, momentum=False)
 
 
 def test_one_cycle_shape_follows_the_paper():
@@ -135,6 +205,59 @@ def test_one_cycle_shape_follows_the_paper():
     assert policy(1000).lr == pytest.approx(0.0008)
     no_annihilation = OneCycle(base_lr=0.08, max_lr=0.8, total_steps=101, annihilate_pct=0.0)
     assert no_annihilation(50).lr == pytest.approx(0.8) and no_annihilation(100).lr == pytest.approx(0.08)
+
+
+def test_one_cycle_phases_by_pct_start_and_cos_annealing_by_hand():
+    """pct_start places the peak (three-phase: the fall as long, annihilation the rest); cos follows half a cosine."""
+    paper = OneCycle(base_lr=0.08, max_lr=0.8, total_steps=101, pct_start=0.3)
+    assert [paper(k).lr for k in (0, 15, 30, 45, 60, 80, 100)] == pytest.approx(
+        [0.08, 0.44, 0.8, 0.44, 0.08, (0.08 + 0.0008) / 2, 0.0008]
+    )
+    assert [paper(k).momentum for k in (0, 30, 60, 80)] == pytest.approx([0.95, 0.85, 0.95, 0.95])
+    cos = OneCycle(base_lr=0.08, max_lr=0.8, total_steps=1001, anneal="cos")
+    assert cos(150).lr == pytest.approx(0.08 + 0.72 * 0.25)  # a third of the rise: (1 - cos(pi/3)) / 2 of it
+    assert cos(150).momentum == pytest.approx(0.95 - 0.1 * 0.25)
+    assert [cos(k).lr for k in (225, 450, 675, 900, 950, 1000)] == pytest.approx(
+        [0.44, 0.8, 0.44, 0.08, (0.08 + 0.0008) / 2, 0.0008]
+    )
+
+
+def test_two_phase_one_cycle_is_fastais_fit_one_cycle():
+    """Up over pct_start, then straight down to base_lr / final_div over the rest; momentum mirrored."""
+    fastai = OneCycle(0.02, 0.5, 201, final_div=4000, anneal="cos", pct_start=0.25, three_phase=False)
+    assert fastai(0) == Hyper(pytest.approx(0.02), 0.95) and fastai.peak == 50
+    assert [fastai(k).lr for k in (25, 50, 125, 200, 300)] == pytest.approx([0.26, 0.5, (0.5 + 5e-6) / 2, 5e-6, 5e-6])
+    assert [fastai(k).momentum for k in (25, 50, 125, 200, 300)] == pytest.approx([0.9, 0.85, 0.9, 0.95, 0.95])
+    assert fastai(75).lr == pytest.approx(5e-6 + (0.5 - 5e-6) * (1 + math.cos(math.pi / 6)) / 2)
+    linear = OneCycle(0.02, 0.5, 201, final_div=4000, pct_start=0.25, three_phase=False)
+    assert [linear(k).lr for k in (10, 50, 80)] == pytest.approx([0.02 + 0.48 / 5, 0.5, 0.5 - (0.5 - 5e-6) / 5])
+
+
+def test_cosine_warms_up_then_anneals_to_the_floor_by_hand():
+    policy = Cosine(base_lr=0.05, max_lr=0.5, total_steps=111, warmup_steps=10)
+    assert policy.first_cycle == 100  # the rest of the run, to its last step
+    assert [policy(k).lr for k in (0, 5, 10, 35, 60, 85, 110, 500)] == pytest.approx(
+        [0.05, 0.275, 0.5, 0.5 * (1 + math.sqrt(0.5)) / 2, 0.25, 0.5 * (1 - math.sqrt(0.5)) / 2, 0.0, 0.0]
+    )
+    floor = Cosine(base_lr=0.05, max_lr=0.5, total_steps=111, warmup_steps=10, min_lr=0.1, momentum=0.9)
+    assert [floor(k) for k in (5, 60, 110, 500)] == [
+        Hyper(pytest.approx(0.275), 0.9),
+        Hyper(pytest.approx(0.3), 0.9),
+        Hyper(0.1, 0.9),
+        Hyper(0.1, 0.9),
+    ]
+    assert Cosine(0.05, 0.5, total_steps=21)(0).lr == 0.5  # no warm-up: starts at the peak
+
+
+def test_cosine_restarts_lengthen_and_lower_each_cycle_then_stay_at_the_floor():
+    sgdr = Cosine(0.01, 1.0, 1000, cycle_steps=10, cycle_mul=2, cycle_decay=0.5, cycle_limit=3, min_lr=0.001)
+    starts, peaks = (0, 10, 30), (1.0, 0.5, 0.25)  # cycles of 10, 20 and 40 steps
+    assert [sgdr(k).lr for k in starts] == pytest.approx(peaks)
+    halfway = [sgdr(k).lr for k in (5, 20, 50)]
+    assert halfway == pytest.approx([(peak + 0.001) / 2 for peak in peaks])
+    assert [sgdr(k).lr for k in (70, 71, 999)] == [0.001] * 3
+    even = Cosine(0.01, 1.0, 1000, warmup_steps=4, cycle_steps=10, cycle_decay=0.5, cycle_limit=3)
+    assert [even(k).lr for k in (4, 9, 14, 19, 24, 29, 34)] == pytest.approx([1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.0])
 
 
 def test_paper_formula_examples():
@@ -159,6 +282,13 @@ POLICIES = {  # every policy, and the highest LR it may apply
     "decay": (Decay(0.01, 0.1, stepsize=20), 0.1),
     "one_cycle": (OneCycle(0.01, 0.1, total_steps=50), 0.1),
     "one_cycle_no_momentum": (OneCycle(0.01, 0.1, total_steps=50, base_momentum=None, max_momentum=None), 0.1),
+    "one_cycle_cos": (OneCycle(0.01, 0.1, total_steps=50, anneal="cos", pct_start=0.3), 0.1),
+    "one_cycle_two_phase": (OneCycle(0.01, 0.1, total_steps=50, anneal="cos", pct_start=0.25, three_phase=False), 0.1),
+    "cosine": (Cosine(0.01, 0.1, total_steps=50, warmup_steps=5, min_lr=1e-4), 0.1),
+    "cosine_restarts": (
+        Cosine(0.01, 0.1, 50, cycle_steps=6, cycle_mul=1.5, cycle_decay=0.7, cycle_limit=4, min_lr=1e-4),
+        0.1,
+    ),
     "range_test_linear": (LRRange(1e-4, 1.0, num_iter=50), 1.0),
     "range_test_exp": (LRRange(1e-4, 1.0, num_iter=50, mode="exp"), 1.0),
     "stages": (Stages(((20, Cyclic(0.01, 0.1, 5, "triangular2")), (10, Fixed(0.001)), (5, Decay(1e-4, 1e-3, 5)))), 0.1),
@@ -271,7 +401,7 @@ REFUSED = [  # every validated setting: a value just outside what it allows, and
     (lambda: OneCycle(0.01, 0.1, 0), "total_steps: must be a positive whole number of steps, got 0"),
     (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=1.0), "annihilate_pct: must be in [0, 1), got 1.0"),
     (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=-0.01), "annihilate_pct: must be in [0, 1), got -0.01"),
-    (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct=None), "annihilate_pct: must be in [0, 1), got None"),
+    (lambda: OneCycle(0.01, 0.1, 100, annihilate_pct="0.1"), "annihilate_pct: must be in [0, 1), got '0.1'"),
     (lambda: OneCycle(0.01, 0.1, 100, final_div=0.99), "final_div: must be a number >= 1, got 0.99"),
     (lambda: OneCycle(0.01, 0.1, 100, final_div=math.nan), "final_div: must be a number >= 1, got nan"),
     (
@@ -279,6 +409,56 @@ REFUSED = [  # every validated setting: a value just outside what it allows, and
         "base_momentum: must not exceed max_momentum, got 0.99 > 0.95",
     ),
     (lambda: OneCycle(0.1, 0.01, 100), "base_lr: must be below max_lr, got 0.1 >= 0.01"),
+    (lambda: OneCycle(0.01, 0.1, 100, anneal="cosine"), "anneal: must be one of linear, cos, got 'cosine'"),
+    (lambda: OneCycle(0.01, 0.1, 100, three_phase="no"), "three_phase: must be true or false, got 'no'"),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, 0.1, pct_start=0.3),
+        "pct_start: give pct_start or annihilate_pct, not both (annihilation takes 1 - 2 pct_start)",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, pct_start=0.51),
+        "pct_start: must be in (0, 0.5] with three_phase (the fall is as long as the rise), got 0.51",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, pct_start=0.0),
+        "pct_start: must be in (0, 0.5] with three_phase (the fall is as long as the rise), got 0.0",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, 0.1, pct_start=0.25, three_phase=False),
+        "annihilate_pct: only applies to three_phase=true; the two-phase form falls straight to "
+        "base_lr/final_div over the rest of the run after pct_start",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, three_phase=False),
+        "pct_start: must be in (0, 1) with three_phase=false (the share of the run rising), got None",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, pct_start=1.0, three_phase=False),
+        "pct_start: must be in (0, 1) with three_phase=false (the share of the run rising), got 1.0",
+    ),
+    (
+        lambda: OneCycle(0.01, 0.1, 100, pct_start=0.0, three_phase=False),
+        "pct_start: must be in (0, 1) with three_phase=false (the share of the run rising), got 0.0",
+    ),
+    (lambda: Cosine(0.1, 0.01, 100), "base_lr: must be below max_lr, got 0.1 >= 0.01"),
+    (lambda: Cosine(0.01, 0.1, 0), "total_steps: must be a positive whole number of steps, got 0"),
+    (lambda: Cosine(0.01, 0.1, 100, warmup_steps=-1), "warmup_steps: must be a whole number of steps >= 0, got -1"),
+    (lambda: Cosine(0.01, 0.1, 100, warmup_steps=2.5), "warmup_steps: must be a whole number of steps >= 0, got 2.5"),
+    (lambda: Cosine(0.01, 0.1, 100, warmup_steps=True), "warmup_steps: must be a whole number of steps >= 0, got True"),
+    (
+        lambda: Cosine(0.01, 0.1, 100, warmup_steps=99),
+        "warmup_steps: must leave the cosine a step: at most total_steps - 2 = 98, got 99",
+    ),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_steps=0), "cycle_steps: must be a positive whole number of steps, got 0"),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_mul=0.99), "cycle_mul: must be a number >= 1, got 0.99"),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_mul=math.inf), "cycle_mul: must be a number >= 1, got inf"),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_decay=0.0), "cycle_decay: must be in (0, 1], got 0.0"),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_decay=1.01), "cycle_decay: must be in (0, 1], got 1.01"),
+    (lambda: Cosine(0.01, 0.1, 100, cycle_limit=0), "cycle_limit: must be a positive whole number of cycles, got 0"),
+    (lambda: Cosine(0.01, 0.1, 100, min_lr=-1e-9), "min_lr: must be in [0, max_lr), got -1e-09"),
+    (lambda: Cosine(0.01, 0.1, 100, min_lr=0.1), "min_lr: must be in [0, max_lr), got 0.1"),
+    (lambda: Cosine(0.01, 0.1, 100, min_lr=None), "min_lr: must be in [0, max_lr), got None"),
+    (lambda: Cosine(0.01, 0.1, 100, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
     (lambda: Fixed(float("nan")), "lr: must be a positive number, got nan"),
     (lambda: Fixed(0.1, momentum=-0.1), "momentum: must be null or in [0, 1), got -0.1"),
     (lambda: Fixed(0.1, momentum=1.0), "momentum: must be null or in [0, 1), got 1.0"),
@@ -331,6 +511,12 @@ def test_the_edges_of_every_allowed_range_are_accepted():
     Cyclic(0.01, 0.1, 1, "exp_range", gamma=1.0, base_momentum=0.0, max_momentum=0.0)
     Cyclic(0.01, 0.1, 1, "exp_range", gamma=1e-300, base_momentum=0.9, max_momentum=0.9)
     OneCycle(0.01, 0.1, 2, annihilate_pct=0.0, final_div=1.0, base_momentum=None, max_momentum=None)
+    assert OneCycle(0.01, 0.1, 3, pct_start=0.5)(2).lr == pytest.approx(0.01)  # no annihilation left
+    assert OneCycle(0.01, 0.1, 3, pct_start=0.999, three_phase=False)(2).lr == pytest.approx(1e-4)
+    OneCycle(0.01, 0.1, 3, pct_start=1e-9, three_phase=False)
+    assert Cosine(0.01, 0.1, 3, warmup_steps=1)(2).lr == 0.0  # the most warm-up an unset cycle allows
+    Cosine(0.01, 0.1, 1, warmup_steps=0, cycle_steps=1, cycle_mul=1.0, cycle_decay=1e-300, cycle_limit=1)
+    Cosine(0.01, 0.1, 5, warmup_steps=9, cycle_steps=3, min_lr=0.1 * (1 - 1e-12), momentum=0.0)
     Fixed(1e-300, momentum=0.0)
     Exp(0.1, gamma=1.0)
     Decay(0.01, 0.1, 1)
@@ -348,7 +534,9 @@ def test_range_test_defaults_are_fastais():
 
 def test_policy_defaults():
     assert Cyclic(0.01, 0.1, 5) == Cyclic(0.01, 0.1, 5, "triangular", 1.0, None, None, "triangular")
-    assert OneCycle(0.01, 0.1, 5) == OneCycle(0.01, 0.1, 5, 0.1, 100.0, 0.85, 0.95)
+    assert OneCycle(0.01, 0.1, 5) == OneCycle(0.01, 0.1, 5, None, 100.0, 0.85, 0.95, "linear", None, True)
+    assert OneCycle(0.01, 0.1, 101).peak == OneCycle(0.01, 0.1, 101, 0.1).peak == 45  # the paper's 10% annihilation
+    assert Cosine(0.01, 0.1, 5) == Cosine(0.01, 0.1, 5, 0, None, 1.0, 1.0, 1, 0.0, None)
     assert Exp(0.1) == Exp(0.1, 0.9999, None) and Fixed(0.1).momentum is None and Decay(0.01, 0.1, 5).momentum is None
 
 
@@ -369,8 +557,8 @@ def test_hyper_goes_into_every_group_sgd_momentum_and_adam_beta1():
 @pytest.mark.parametrize(
     "policy",
     [Fixed(0.1, 0.8), Exp(0.1, 0.9, 0.8), Decay(0.01, 0.1, 5, 0.8), LRRange(0.01, 1.0, 5, momentum=0.8)]
-    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8)],
-    ids=["fixed", "exp", "decay", "range_test", "range_test_exp"],
+    + [LRRange(0.01, 1.0, 5, mode="exp", momentum=0.8), Cosine(0.01, 0.1, 6, warmup_steps=3, momentum=0.8)],
+    ids=["fixed", "exp", "decay", "range_test", "range_test_exp", "cosine"],
 )
 def test_a_fixed_momentum_is_applied_at_every_step(policy):
     assert [policy(step).momentum for step in range(8)] == [0.8] * 8

@@ -151,7 +151,7 @@ def test_launcher_configs_compose(launcher, target):
     "sweep, jobs, extra",
     [
         ("wd_bisect", 3, ["wd=1e-3"]),
-        ("clr_vs_fixed", 6, []),
+        ("clr_vs_fixed", 7, []),
         ("one_cycle_grid", 12, []),
         ("reg_balance", 2, ["optimizer.weight_decay=1e-4", "loss.label_smoothing=0,0.1"]),
     ],
@@ -179,6 +179,10 @@ def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
         assert len({c.data.tags["clrx.range_test_run_id"] for c in children}) == 1
         assert params["fixed_base"]["bounds.lr"] == params["triangular"]["bounds.base_lr"]
         assert params["fixed_max"]["bounds.lr"] == params["one_cycle"]["bounds.max_lr"]
+        assert (params["cosine"]["bounds.base_lr"], params["cosine"]["bounds.max_lr"]) == (
+            params["triangular"]["bounds.base_lr"],
+            params["one_cycle"]["bounds.max_lr"],
+        )
 
 
 def test_clr_vs_fixed_puts_fixed_runs_at_the_ends_of_the_shared_range(tmp_path, store):

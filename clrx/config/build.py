@@ -14,6 +14,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import param_groups_weight_decay
 
+from clrx.config.schema import IN_EPOCHS
 from clrx.errors import ConfigError
 from clrx.schedules.policies import Policy
 
@@ -80,16 +81,21 @@ def _runtime_owner(key: str) -> str:
     return "the policy sets it each step" if key == "lr" else "derived from the dataset and run"
 
 
-def _epochs_to_steps(settings: dict[str, Any], name: str, in_epochs: str, group: str, steps_per_epoch: int) -> None:
-    """Replace the length ``in_epochs`` by ``name`` in optimizer steps (at least one)."""
+def _epochs_to_steps(
+    settings: dict[str, Any], name: str, in_epochs: str, group: str, steps_per_epoch: int, least: int = 1
+) -> None:
+    """Replace the length ``in_epochs`` by ``name`` in optimizer steps (at least ``least``)."""
     epochs = settings.pop(in_epochs, None)
     if epochs is None:
         return
     if settings.get(name) is not None:
         raise ConfigError(f"{group}.{name}", f"give {name} or {in_epochs}, not both")
-    if not (isinstance(epochs, (int, float)) and not isinstance(epochs, bool) and epochs > 0):
-        raise ConfigError(f"{group}.{in_epochs}", f"must be a positive number, got {epochs!r}")
-    settings[name] = max(1, round(epochs * steps_per_epoch))
+    number = isinstance(epochs, (int, float)) and not isinstance(epochs, bool)
+    if not (number and (epochs > 0 if least else epochs >= 0)):
+        raise ConfigError(
+            f"{group}.{in_epochs}", f"must be a {'positive number' if least else 'number >= 0'}, got {epochs!r}"
+        )
+    settings[name] = max(least, round(epochs * steps_per_epoch))
 
 
 def build_policy(
@@ -102,7 +108,8 @@ def build_policy(
     """
     settings = settings_of(node, group)
     if "stages" not in settings:
-        _epochs_to_steps(settings, "stepsize", "stepsize_epochs", group, steps_per_epoch)
+        for name, (in_epochs, least) in IN_EPOCHS.items():
+            _epochs_to_steps(settings, name, in_epochs, group, steps_per_epoch, least)
         return instantiate(settings, group, defaults={"total_steps": total_steps, "num_iter": total_steps})
     stages, start = [], 0
     entries = settings["stages"]

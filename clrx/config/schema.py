@@ -38,8 +38,15 @@ GROUPS = (
     "sweep",
 )  # +sweep=NAME
 URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "file")
+# Policy lengths in optimizer steps that may be given in epochs instead: the epochs' key and the fewest steps.
+IN_EPOCHS = {
+    "stepsize": ("stepsize_epochs", 1),
+    "warmup_steps": ("warmup_epochs", 0),
+    "cycle_steps": ("cycle_epochs", 1),
+}
 # A length a preset gives in one form, which a command-line value in the other form replaces.
-OTHER_FORM = {"stepsize": "stepsize_epochs", "stepsize_epochs": "stepsize"}
+FORMS = [(steps, epochs) for steps, (epochs, _) in IN_EPOCHS.items()] + [("pct_start", "annihilate_pct")]
+OTHER_FORM = {one: other for pair in FORMS for one, other in (pair, pair[::-1])}
 # The smallest value each numeric trainer setting takes.
 LEAST = {
     "epochs": 1,

@@ -20,6 +20,7 @@ from clrx.errors import ConfigError, check_positive_whole
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 RANGE_MODES = ("linear", "exp")
 RANGE_RULES = ("paper", "steepest", "minimum/10", "valley")
+PAPER_ANNIHILATE_PCT = 0.1  # Smith 2018: the last few percent of the run, e.g. 10-15%
 
 # Shape of a cycle's rise, 1 at the peak (x = 0) and 0 at the bounds (x = 1): the paper's three windows.
 WINDOWS = {
@@ -86,6 +87,14 @@ def _check_momentum_cycle(base: float | None, top: float | None) -> None:
 def _lerp(start: float, end: float, pct: float) -> float:
     # Written as torch's linear annealing is, so both agree to the last bit.
     return (end - start) * pct + start
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    # Half a cosine from start (pct 0) to end (pct 1), written as torch's cosine annealing is.
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+ANNEALS = {"linear": _lerp, "cos": _cos}  # how one-cycle moves from one end of a phase to the other
 
 
 @dataclass(frozen=True)
@@ -165,27 +174,34 @@ class Cyclic:
 class OneCycle:
     """One cycle with cyclical momentum and a final annihilation (arXiv 1803.09820).
 
-    Over ``total_steps`` the LR climbs linearly from ``base_lr`` to ``max_lr`` and back in two
-    equal steps, then, over the last ``annihilate_pct`` of the run, falls to
-    ``base_lr / final_div``. Momentum mirrors the LR during the cycle and stays at
-    ``max_momentum`` while annihilating. Progress is measured in intervals between steps, so
-    step 0 is at ``base_lr`` and step ``total_steps - 1`` is exactly at the final LR.
+    Over ``total_steps`` the LR climbs from ``base_lr`` to ``max_lr`` and back in two equal
+    steps, then, over the last ``annihilate_pct`` of the run (0.1 if unset), falls to
+    ``base_lr / final_div``. ``pct_start`` is the other way to give the same length: the share
+    of the run rising, the fall as long, annihilation the rest. ``three_phase=False`` is
+    fastai's form: up over ``pct_start``, then straight down to ``base_lr / final_div``.
+    ``anneal`` moves within each phase linearly (the paper) or along half a cosine (fastai).
+    Momentum mirrors the LR during the cycle and stays at ``max_momentum`` while annihilating.
+    Progress is measured in intervals between steps, so step 0 is at ``base_lr`` and step
+    ``total_steps - 1`` is exactly at the final LR.
     """
 
     base_lr: float
     max_lr: float
     total_steps: int
-    annihilate_pct: float = 0.1
+    annihilate_pct: float | None = None
     final_div: float = 100.0
     base_momentum: float | None = 0.85
     max_momentum: float | None = 0.95
+    anneal: str = "linear"
+    pct_start: float | None = None
+    three_phase: bool = True
 
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
         check_positive_whole("total_steps", self.total_steps, " of steps")
         _require(self.total_steps >= 2, "total_steps", f"must be at least 2, got {self.total_steps}")
         _require(
-            _is_number(self.annihilate_pct) and 0 <= self.annihilate_pct < 1,
+            self.annihilate_pct is None or (_is_number(self.annihilate_pct) and 0 <= self.annihilate_pct < 1),
             "annihilate_pct",
             f"must be in [0, 1), got {self.annihilate_pct!r}",
         )
@@ -195,23 +211,132 @@ class OneCycle:
             f"must be a number >= 1, got {self.final_div!r}",
         )
         _check_momentum_cycle(self.base_momentum, self.max_momentum)
+        _require(self.anneal in ANNEALS, "anneal", f"must be one of {', '.join(ANNEALS)}, got {self.anneal!r}")
+        _require(isinstance(self.three_phase, bool), "three_phase", f"must be true or false, got {self.three_phase!r}")
+        if self.three_phase:
+            _require(
+                self.pct_start is None or self.annihilate_pct is None,
+                "pct_start",
+                "give pct_start or annihilate_pct, not both (annihilation takes 1 - 2 pct_start)",
+            )
+            _require(
+                self.pct_start is None or (_is_number(self.pct_start) and 0 < self.pct_start <= 0.5),
+                "pct_start",
+                f"must be in (0, 0.5] with three_phase (the fall is as long as the rise), got {self.pct_start!r}",
+            )
+        else:
+            _require(
+                self.annihilate_pct is None,
+                "annihilate_pct",
+                "only applies to three_phase=true; the two-phase form falls straight to base_lr/final_div over "
+                "the rest of the run after pct_start",
+            )
+            _require(
+                _is_number(self.pct_start) and 0 < self.pct_start < 1,
+                "pct_start",
+                f"must be in (0, 1) with three_phase=false (the share of the run rising), got {self.pct_start!r}",
+            )
 
     @property
-    def half_cycle(self) -> float:
-        """Length of each of the cycle's two steps, in optimizer steps."""
-        return (1 - self.annihilate_pct) * (self.total_steps - 1) / 2
+    def peak(self) -> float:
+        """The step at which the LR reaches ``max_lr`` (a fraction of a step in general)."""
+        if self.pct_start is None:
+            annihilate = PAPER_ANNIHILATE_PCT if self.annihilate_pct is None else self.annihilate_pct
+            return (1 - annihilate) * (self.total_steps - 1) / 2
+        return self.pct_start * (self.total_steps - 1)
 
     def __call__(self, step: int) -> Hyper:
-        half, last = self.half_cycle, self.total_steps - 1
+        peak, last = self.peak, self.total_steps - 1
+        fall_end = 2 * peak if self.three_phase else last
+        final = self.base_lr / self.final_div
         top, bottom = self.max_momentum, self.base_momentum
-        if step <= half:
-            pct, lrs, moms = step / half, (self.base_lr, self.max_lr), (top, bottom)
-        elif step <= 2 * half:
-            pct, lrs, moms = (step - half) / half, (self.max_lr, self.base_lr), (bottom, top)
+        if step <= peak:
+            pct, lrs, moms = step / peak, (self.base_lr, self.max_lr), (top, bottom)
+        elif step <= fall_end:
+            pct, moms = (step - peak) / (fall_end - peak), (bottom, top)
+            lrs = (self.max_lr, self.base_lr if self.three_phase else final)
         else:
-            pct = 1.0 if step >= last else (step - 2 * half) / (last - 2 * half)
-            lrs, moms = (self.base_lr, self.base_lr / self.final_div), (top, top)
-        return Hyper(_lerp(*lrs, pct), None if top is None else _lerp(*moms, pct))
+            pct = 1.0 if step >= last else (step - fall_end) / (last - fall_end)
+            lrs, moms = (self.base_lr, final), (top, top)
+        anneal = ANNEALS[self.anneal]
+        return Hyper(anneal(*lrs, pct), None if top is None else anneal(*moms, pct))
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """Linear warm-up, then cosine annealing with optional warm restarts (SGDR, arXiv 1608.03983).
+
+    The common baseline: the LR rises linearly from ``base_lr`` to ``max_lr`` over
+    ``warmup_steps``, then follows half a cosine down to ``min_lr`` over ``cycle_steps``
+    (unset: the rest of the run, ending exactly at ``min_lr`` on its last step). Each of up to
+    ``cycle_limit`` cycles restarts at the previous peak times ``cycle_decay`` and lasts
+    ``cycle_mul`` times as long; after the last the LR stays at ``min_lr``. The same schedule
+    as timm's ``CosineLRScheduler`` with ``warmup_prefix=True`` (cycles start after warm-up).
+    """
+
+    base_lr: float
+    max_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    cycle_steps: int | None = None
+    cycle_mul: float = 1.0
+    cycle_decay: float = 1.0
+    cycle_limit: int = 1
+    min_lr: float = 0.0
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.base_lr, self.max_lr)
+        check_positive_whole("total_steps", self.total_steps, " of steps")
+        _require(
+            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0,
+            "warmup_steps",
+            f"must be a whole number of steps >= 0, got {self.warmup_steps!r}",
+        )
+        if self.cycle_steps is None:
+            room = self.total_steps - 2
+            _require(
+                self.warmup_steps <= room,
+                "warmup_steps",
+                f"must leave the cosine a step: at most total_steps - 2 = {room}, got {self.warmup_steps}",
+            )
+        else:
+            check_positive_whole("cycle_steps", self.cycle_steps, " of steps")
+        _require(
+            _is_number(self.cycle_mul) and self.cycle_mul >= 1,
+            "cycle_mul",
+            f"must be a number >= 1, got {self.cycle_mul!r}",
+        )
+        _require(
+            _is_number(self.cycle_decay) and 0 < self.cycle_decay <= 1,
+            "cycle_decay",
+            f"must be in (0, 1], got {self.cycle_decay!r}",
+        )
+        check_positive_whole("cycle_limit", self.cycle_limit, " of cycles")
+        _require(
+            _is_number(self.min_lr) and 0 <= self.min_lr < self.max_lr,
+            "min_lr",
+            f"must be in [0, max_lr), got {self.min_lr!r}",
+        )
+        _check_momentum("momentum", self.momentum)
+
+    @property
+    def first_cycle(self) -> int:
+        """Steps in the first cosine cycle: ``cycle_steps``, or the run after warm-up to its last step."""
+        return self.total_steps - 1 - self.warmup_steps if self.cycle_steps is None else self.cycle_steps
+
+    def __call__(self, step: int) -> Hyper:
+        if step < self.warmup_steps:
+            return Hyper(_lerp(self.base_lr, self.max_lr, step / self.warmup_steps), self.momentum)
+        t, first, mul = step - self.warmup_steps, self.first_cycle, self.cycle_mul
+        if mul == 1:
+            (cycle, into), length = divmod(t, first), first
+        else:  # each cycle mul times the last: timm's closed form, so both pick the same cycle at its edges
+            cycle = math.floor(math.log(1 - t / first * (1 - mul), mul))
+            length, into = mul**cycle * first, t - (1 - mul**cycle) / (1 - mul) * first
+        if cycle >= self.cycle_limit:
+            return Hyper(self.min_lr, self.momentum)
+        return Hyper(_cos(self.max_lr * self.cycle_decay**cycle, self.min_lr, into / length), self.momentum)
 
 
 @dataclass(frozen=True)

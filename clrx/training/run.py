@@ -73,7 +73,8 @@ def _check_unchanged(cfg: DictConfig, saved: Mapping[str, Any], path: Path) -> N
 
 def turning_points(values: list[float]) -> list[int]:
     """The steps that outline a schedule: start, end, each peak and trough, and each corner where a
-    straight stretch ends without turning back (one-cycle's annihilation start, a decay's floor)."""
+    straight stretch ends or begins without turning back (one-cycle's annihilation start, a decay's
+    or a cosine's floor). A stretch is straight over three steps or more: a curve's inflection is not."""
     tiny = 1e-9 * max(map(abs, values), default=1.0)
     slopes = [b - a for a, b in zip(values, values[1:], strict=False)]
     sign = [0 if abs(d) <= tiny else 1 if d > 0 else -1 for d in slopes]
@@ -83,14 +84,20 @@ def turning_points(values: list[float]) -> list[int]:
             if direction:
                 turns.add(k)
             direction = sign[k]
-    corners = {
+
+    def straight(first: int) -> bool:  # the three slopes from slopes[first] are one
+        three = slopes[first : first + 3] if first >= 0 else []
+        return len(three) == 3 and max(three) - min(three) <= tiny
+
+    bends = {
         k
-        for k in range(2, len(slopes))
-        if abs(slopes[k - 2] - slopes[k - 1]) <= tiny
-        and abs(slopes[k - 1] - slopes[k]) > tiny
+        for k in range(1, len(slopes))
+        if abs(slopes[k - 1] - slopes[k]) > tiny
+        and (straight(k - 3) or straight(k))
         and sign[k] != -sign[k - 1]
         and not {k - 1, k, k + 1} & turns
     }
+    corners = {k for k in bends if k - 1 not in bends}  # a bend between two steps marks both: keep the first
     return sorted({0, len(values) - 1} | turns | corners)
 
 
