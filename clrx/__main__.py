@@ -97,6 +97,8 @@ def app(cfg: DictConfig) -> float | None:
             result.best_val_acc,
             result.val_loss,
         )
+        if result.test is not None:
+            log.info("test set: %s", ", ".join(f"{key} {value:.4f}" for key, value in result.test.items()))
     log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
     log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
     if result.suggestions is None:

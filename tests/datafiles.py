@@ -27,13 +27,17 @@ def _images(count: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 
 def write_cifar(root: Path, classes: int) -> None:
-    """CIFAR's python pickle batches: 5 training batches (CIFAR-10) or one file (CIFAR-100), a test file, meta."""
+    """CIFAR's python pickle batches: 5 training batches (CIFAR-10) or one file (CIFAR-100), a test file, meta.
+
+    Labels cycle through the first 20 classes at most, so a stratified split finds several images of each.
+    """
     folder, train, test, key, meta, names = CIFAR_LAYOUT[classes]
+    used = min(classes, 20)
     base = root / folder
     base.mkdir(parents=True, exist_ok=True)
     per_file = CIFAR_SIZES["train"] // len(train)
     for seed, (name, count) in enumerate([*((n, per_file) for n in train), (test, CIFAR_SIZES["test"])]):
-        entry = {"data": _images(count, (3 * 32 * 32,), seed), key: [(seed + i) % classes for i in range(count)]}
+        entry = {"data": _images(count, (3 * 32 * 32,), seed), key: [(seed + i) % used for i in range(count)]}
         with open(base / name, "wb") as file:
             pickle.dump(entry, file)
     with open(base / meta, "wb") as file:

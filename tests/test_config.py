@@ -187,4 +187,5 @@ def test_the_trainer_counts_least_values():
         "log_every": 1,
         "checkpoint_every": 0,
         "keep_last": 0,
+        "early_stop": 0,
     }

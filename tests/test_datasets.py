@@ -1,10 +1,16 @@
 """Dataset formats read from real (tiny) files, the device-side augmentation, models and optimizers."""
 
+import json
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+from PIL import Image
 from scipy.stats import chi2_contingency
 from torch.utils.data import DataLoader
 from torchvision.transforms import Normalize, v2
@@ -232,3 +238,66 @@ def test_image_folders_are_transformed_by_timms_recipe_with_the_models_statistic
     )
     assert tuple(given.train.transform.transforms[-1].mean) == (0.1, 0.2, 0.3)
     assert "RandomHorizontalFlip" not in names(given.train.transform)
+
+
+@pytest.mark.parametrize("option", ["cifar10", "cifar100", "mnist", "fashion_mnist"])
+def test_val_split_validates_on_a_stratified_held_out_part_and_keeps_the_test_set(option, data_root):
+    whole = build_data(_dataset(option, data_root).dataset)
+    assert whole.test is None  # by default the test set validates, as before
+    data = build_data(_dataset(option, data_root, "dataset.val_split=0.25", "dataset.split_seed=1").dataset)
+    fit, held = stratified_split(whole.train.labels, 0.25, seed=1)
+    assert set(fit.tolist()).isdisjoint(held.tolist()) and len(fit) + len(held) == len(whole.train)
+    assert torch.equal(data.train.images, whole.train.images[fit]) and torch.equal(
+        data.val.images, whole.train.images[held]
+    )
+    assert torch.equal(data.val.labels, whole.train.labels[held])
+    assert torch.equal(data.test.images, whole.val.images) and torch.equal(data.test.labels, whole.val.labels)
+    for label, count in zip(*torch.unique(whole.train.labels, return_counts=True), strict=True):
+        assert int((data.val.labels == label).sum()) == round(0.25 * int(count))  # stratified
+    again = build_data(_dataset(option, data_root, "dataset.val_split=0.25", "dataset.split_seed=1").dataset)
+    assert torch.equal(again.val.images, data.val.images)  # the same every run
+    other = build_data(_dataset(option, data_root, "dataset.val_split=0.25", "dataset.split_seed=2").dataset)
+    assert not torch.equal(other.val.images, data.val.images)
+
+
+def test_a_held_out_folder_part_gets_the_evaluation_transforms_and_val_becomes_the_test_set(data_root, tmp_path):
+    data = build_data(_dataset("imagefolder", data_root, "dataset.val_split=0.25").dataset)
+    assert (len(data.train), len(data.val), len(data.test)) == (27, 9, 12)  # 3 of each class's 12 held out
+    assert set(data.train.indices).isdisjoint(data.val.indices)
+    assert Path(data.test.root).name == "val"
+    evaluation = data.test.transform  # what the val/ folder's images get: resize and center crop, no augmentation
+    for position in (0, 5):
+        path, label = data.val.dataset.samples[data.val.indices[position]]
+        image, got = data.val[position]
+        assert got == label and torch.equal(image, evaluation(Image.open(path).convert("RGB")))
+        assert torch.equal(image, data.val[position][0])  # the same every time: nothing random
+    shutil.copytree(data_root / "folder" / "train", tmp_path / "folder" / "train")  # no val/ folder
+    with pytest.raises(ConfigError, match="or train/<class>/ alone with dataset.val_split set"):
+        build_data(_dataset("imagefolder", tmp_path).dataset)
+    data = build_data(_dataset("imagefolder", tmp_path, "dataset.val_split=0.5").dataset)
+    assert (len(data.train), len(data.val), data.test) == (18, 18, None)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dataset.val_split=1.5"], "dataset.val_split: must be a number in (0, 1), the share of each class held out"),
+        (["dataset.val_split=0"], "dataset.val_split: must be a number in (0, 1)"),
+        (["dataset.val_split=0.01"], "dataset.val_split: holds out 0 of the 64 training images"),
+        (["dataset.val_split=0.2", "dataset.split_seed=-1"], "dataset.split_seed: must be a whole number >= 0"),
+    ],
+)
+def test_bad_val_splits_are_refused_with_the_setting(overrides, message, data_root):
+    with pytest.raises(ConfigError) as raised:
+        build_data(_dataset("mnist", data_root, *overrides).dataset)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_a_stratified_split_is_the_same_in_another_process():
+    labels = torch.arange(1000) % 7
+    code = (
+        "import json, torch; from clrx.data.splits import stratified_split; "
+        "print(json.dumps(stratified_split(torch.arange(1000) % 7, 0.1, 5)[1].tolist()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(done.stdout) == stratified_split(labels, 0.1, 5)[1].tolist()

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.training import checkpoint
 from clrx.training.run import train
 from tests.conftest import ROOT, main_in_process
+from tests.test_evaluation import STILL, STILL_PER_EPOCH
 
 PER_EPOCH = 1438 // 64
 # Every step draws random numbers: a random crop and flip of each image, dropout in the model and mixup's
@@ -127,3 +129,23 @@ def test_an_explicit_unreadable_checkpoint_is_an_error_not_a_fallback(tmp_path):
     assert checkpoint.find("auto", tmp_path / "elsewhere") is None  # nothing to resume: start afresh
     with pytest.raises(ConfigError, match="no readable checkpoint"):
         checkpoint.find(str(tmp_path), tmp_path)
+
+
+def test_a_resumed_run_keeps_its_best_so_far_and_the_patience_it_used(tmp_path, store):
+    uri, client = store
+    watched = (*STILL, "trainer.save_best=val_acc", "trainer.early_stop=2", "trainer.checkpoint_epochs=true")
+    reference = train(compose_run(*watched, "trainer.epochs=6", f"tracking.uri={uri}"), tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    first = train(compose_run(*watched, "trainer.epochs=2", f"tracking.uri={uri}"), run_dir)  # best at 1, 1 stale
+    assert first.early_stop is None
+    more = ("trainer.epochs=6", "trainer.resume=auto", "trainer.resume_changed=true", f"tracking.uri={uri}")
+    resumed = train(compose_run(*watched, *more), run_dir)
+    # A resume that forgot would take epoch 3 as its first best and stop after epoch 5.
+    assert resumed.run_id == first.run_id and resumed.steps == reference.steps == 3 * STILL_PER_EPOCH
+    tags = [client.get_run(result.run_id).data.tags for result in (reference, resumed)]
+    for key in ("clrx.best.metric", "clrx.best.value", "clrx.best.step", "clrx.best.epoch", "clrx.early_stop"):
+        assert tags[0][key] == tags[1][key], key
+    saved = [
+        torch.load(path / checkpoint.DIRECTORY / checkpoint.BEST)["best"] for path in (tmp_path / "reference", run_dir)
+    ]
+    assert saved[0] == saved[1] and saved[0]["step"] == STILL_PER_EPOCH

@@ -57,7 +57,21 @@ LEAST = {
     "log_every": 1,
     "checkpoint_every": 0,
     "keep_last": 0,
+    "early_stop": 0,
 }
+# What every evaluation logs, which trainer.save_best and trainer.early_stop_metric may watch; a loss
+# improves downwards, the rest upwards. val_acc5 is logged for datasets of more than TOP5_ABOVE classes,
+# the _ema scores of the averaged weights with trainer.ema.
+EVALUATION_METRICS = (
+    "val_acc",
+    "val_loss",
+    "val_acc5",
+    "train_loss_epoch",
+    "val_acc_ema",
+    "val_loss_ema",
+    "val_acc5_ema",
+)
+TOP5_ABOVE = 10
 
 
 @dataclass
@@ -87,6 +101,9 @@ class TrainerConfig:
     clip_grad_value: float | None = None  # clamp every gradient element to [-value, value]
     ema: float | None = None  # decay of an average of the weights, evaluated each epoch (val_acc_ema); None: off
     ema_warmup: bool = False  # timm's warm-up: the average follows the weights closely early in the run
+    save_best: str | None = None  # keep checkpoints/best.pt, the weights of the best evaluation by this metric
+    early_stop: int = 0  # patience: stop after this many epochs without improvement; 0: train every epoch
+    early_stop_metric: str | None = None  # what early_stop watches; null: save_best's metric, else val_acc
 
 
 @dataclass
@@ -127,6 +144,19 @@ def check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError("trainer.clip_grad_value", "clip by norm or by value, not both; set the other to null")
     if trainer.ema is not None and not 0 < trainer.ema < 1:
         raise ConfigError("trainer.ema", f"must be a decay in (0, 1) such as 0.999, or null (off), got {trainer.ema}")
+    for key in ("save_best", "early_stop_metric"):
+        metric = getattr(trainer, key)
+        if metric not in (None, *EVALUATION_METRICS):
+            raise ConfigError(
+                f"trainer.{key}", f"must be one of {', '.join(EVALUATION_METRICS)} or null, got {metric!r}"
+            )
+        if metric is not None and metric.endswith("_ema") and trainer.ema is None:
+            raise ConfigError(f"trainer.{key}", f"{metric} is logged only with trainer.ema set (the averaged weights)")
+    if trainer.early_stop_metric is not None and not trainer.early_stop:
+        raise ConfigError(
+            "trainer.early_stop_metric",
+            "is read only with trainer.early_stop=N (epochs of patience); set both or neither",
+        )
 
 
 def check_loss(loss: LossConfig) -> None:
@@ -140,6 +170,24 @@ def check_loss(loss: LossConfig) -> None:
     for key, (low, high, allowed) in ranges.items():
         if not low <= getattr(loss, key) < high:
             raise ConfigError(f"loss.{key}", f"must be {allowed}, got {getattr(loss, key)}")
+
+
+def check_metrics(trainer: TrainerConfig, num_classes: int) -> None:
+    """The metrics a run watches are ones its evaluation logs: top-5 accuracy only beyond TOP5_ABOVE classes."""
+    for key in ("save_best", "early_stop_metric"):
+        metric = str(getattr(trainer, key))
+        if metric.startswith("val_acc5") and num_classes <= TOP5_ABOVE:
+            raise ConfigError(
+                f"trainer.{key}",
+                f"{metric} is logged only for datasets of more than {TOP5_ABOVE} classes, this one has {num_classes}; "
+                "use val_acc or val_loss",
+            )
+
+
+def watched_metrics(trainer: TrainerConfig) -> tuple[str | None, str | None]:
+    """(the metric trainer.save_best keeps the best checkpoint by, the one early stopping watches), None where off."""
+    stop = (trainer.early_stop_metric or trainer.save_best or "val_acc") if trainer.early_stop else None
+    return trainer.save_best, stop
 
 
 def check_tracking(tracking: TrackingConfig) -> None:

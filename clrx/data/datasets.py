@@ -9,10 +9,11 @@ per image in DataLoader worker processes.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from torchvision import datasets
+from torchvision.datasets.vision import StandardTransform
 
 from clrx.data.augment import Pipeline
-from clrx.data.splits import Splits, TensorImages, stratified_split
+from clrx.data.splits import Splits, TensorImages, evaluation_parts, stratified_split
 from clrx.errors import ConfigError, check_positive_whole
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -47,7 +49,16 @@ def _pipeline(normalize: bool, mean: Sequence[float], std: Sequence[float], crop
 
 
 def _cifar(
-    classes: int, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool
+    classes: int,
+    root: str,
+    download: bool,
+    normalize: bool,
+    mean,
+    std,
+    crop_padding: int,
+    flip: bool,
+    val_split: float | None,
+    split_seed: int,
 ) -> Splits:
     folder, train_files, test_file, label_key, meta_file = CIFAR[classes]
     base = Path(root).expanduser().resolve() / folder
@@ -73,7 +84,9 @@ def _cifar(
     with open(base / meta_file, "rb") as file:
         names = tuple(pickle.load(file, encoding="latin1")[CIFAR_NAMES[classes]])
     pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
-    return Splits(f"cifar{classes}", read(train_files), read([test_file]), classes, 3, pipeline, names)
+    train = read(train_files)
+    parts = evaluation_parts(train, read([test_file]), train.labels, val_split, split_seed)
+    return Splits(f"cifar{classes}", **parts, num_classes=classes, in_chans=3, pipeline=pipeline, classes=names)
 
 
 def cifar10(
@@ -84,9 +97,14 @@ def cifar10(
     std: Sequence[float] = CIFAR10_STD,
     crop_padding: int = 4,
     flip: bool = True,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> Splits:
-    """CIFAR-10 from its python pickle batches in ``root/cifar-10-batches-py``; the test set validates."""
-    return _cifar(10, root, download, normalize, mean, std, crop_padding, flip)
+    """CIFAR-10 from its python pickle batches in ``root/cifar-10-batches-py``.
+
+    The test set validates, or with ``val_split`` a held-out part of the training set does.
+    """
+    return _cifar(10, root, download, normalize, mean, std, crop_padding, flip, val_split, split_seed)
 
 
 def cifar100(
@@ -97,12 +115,25 @@ def cifar100(
     std: Sequence[float] = (0.2673, 0.2564, 0.2762),
     crop_padding: int = 4,
     flip: bool = True,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> Splits:
-    """CIFAR-100 (fine labels) from ``root/cifar-100-python``; the test set validates."""
-    return _cifar(100, root, download, normalize, mean, std, crop_padding, flip)
+    """CIFAR-100 (fine labels) from ``root/cifar-100-python``; validated as CIFAR-10 is."""
+    return _cifar(100, root, download, normalize, mean, std, crop_padding, flip, val_split, split_seed)
 
 
-def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool) -> Splits:
+def _mnist(
+    kind: str,
+    root: str,
+    download: bool,
+    normalize: bool,
+    mean,
+    std,
+    crop_padding: int,
+    flip: bool,
+    val_split: float | None,
+    split_seed: int,
+) -> Splits:
     reader = MNIST[kind]
     try:
         train, test = (reader(root, train=part, download=download) for part in (True, False))
@@ -115,8 +146,10 @@ def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, cro
             f"{files} there",
         ) from None
     pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
-    parts = [TensorImages(part.data.unsqueeze(1).contiguous(), part.targets.long()) for part in (train, test)]
-    return Splits(kind, *parts, len(train.classes), 1, pipeline, tuple(train.classes))
+    fit, held = (TensorImages(part.data.unsqueeze(1).contiguous(), part.targets.long()) for part in (train, test))
+    parts = evaluation_parts(fit, held, fit.labels, val_split, split_seed)
+    classes = tuple(train.classes)
+    return Splits(kind, **parts, num_classes=len(classes), in_chans=1, pipeline=pipeline, classes=classes)
 
 
 def mnist(
@@ -127,9 +160,14 @@ def mnist(
     std: Sequence[float] = (0.3081,),
     crop_padding: int = 0,
     flip: bool = False,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> Splits:
-    """MNIST from its idx files in ``root/MNIST/raw`` (torchvision's layout); the test set validates."""
-    return _mnist("mnist", root, download, normalize, mean, std, crop_padding, flip)
+    """MNIST from its idx files in ``root/MNIST/raw`` (torchvision's layout).
+
+    The test set validates, or with ``val_split`` a held-out part of the training set does.
+    """
+    return _mnist("mnist", root, download, normalize, mean, std, crop_padding, flip, val_split, split_seed)
 
 
 def fashion_mnist(
@@ -140,9 +178,11 @@ def fashion_mnist(
     std: Sequence[float] = (0.3530,),
     crop_padding: int = 0,
     flip: bool = False,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> Splits:
-    """Fashion-MNIST from ``root/FashionMNIST/raw``; the test set validates."""
-    return _mnist("fashion_mnist", root, download, normalize, mean, std, crop_padding, flip)
+    """Fashion-MNIST from ``root/FashionMNIST/raw``; validated as MNIST is."""
+    return _mnist("fashion_mnist", root, download, normalize, mean, std, crop_padding, flip, val_split, split_seed)
 
 
 def default_workers() -> int:
@@ -164,6 +204,8 @@ def imagefolder(
     crop_pct: float | None = None,
     model_name: str | None = None,
     num_workers: int | None = None,
+    val_split: float | None = None,
+    split_seed: int = 0,
 ) -> Splits:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test``): ImageNet, Imagenette, exported sets.
 
@@ -172,12 +214,17 @@ def imagefolder(
     ``augmix-m5-w4-d2``, ``original``...) and random erasing with probability ``re_prob``
     (``augment=false``: resize and center crop only); for evaluation a resize by ``crop_pct`` and a
     center crop. ``mean``, ``std``, ``interpolation`` and ``crop_pct`` left null are the model's own
-    (timm's pretrained config for ``model_name``), else ImageNet's.
+    (timm's pretrained config for ``model_name``), else ImageNet's. With ``val_split`` a held-out part
+    of ``train`` validates (with the evaluation transforms) and ``val`` (if there is one) is the test set.
     """
     base = Path(root).expanduser().resolve()
     val_dir = next((base / name for name in FOLDER_VAL if (base / name).is_dir()), None)
-    if not (base / "train").is_dir() or val_dir is None:
-        raise ConfigError("root", f"{base} needs train/<class>/ and val/<class>/ (or test/<class>/) image folders")
+    if not (base / "train").is_dir() or (val_dir is None and val_split is None):
+        raise ConfigError(
+            "root",
+            f"{base} needs train/<class>/ and val/<class>/ (or test/<class>/) image folders, "
+            "or train/<class>/ alone with dataset.val_split set",
+        )
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ConfigError("image_size", f"must be a positive whole number, got {image_size!r}")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
@@ -203,13 +250,23 @@ def imagefolder(
     evaluate = create_transform(image_size, is_training=False, **shared)
     try:
         train = datasets.ImageFolder(base / "train", train_steps)
-        val = datasets.ImageFolder(val_dir, evaluate)
+        val = None if val_dir is None else datasets.ImageFolder(val_dir, evaluate)
     except (FileNotFoundError, RuntimeError) as error:
         raise ConfigError("root", str(error).splitlines()[0]) from None
-    if val.classes != train.classes:
+    if val is not None and val.classes != train.classes:
         raise ConfigError("root", f"{val_dir} has classes {val.classes}, train has {train.classes}; they must match")
+    labels = torch.tensor(train.targets)
+    parts = evaluation_parts(train, val, labels, val_split, split_seed, evaluation=_transformed(train, evaluate))
     workers = default_workers() if num_workers is None else num_workers
-    return Splits(base.name, train, val, len(train.classes), 3, classes=tuple(train.classes), num_workers=workers)
+    classes = tuple(train.classes)
+    return Splits(base.name, **parts, num_classes=len(classes), in_chans=3, classes=classes, num_workers=workers)
+
+
+def _transformed(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
+    """The same images with another transform, without listing the folder again."""
+    view = copy.copy(folder)
+    view.transform, view.transforms = transform, StandardTransform(transform, folder.target_transform)
+    return view
 
 
 def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:

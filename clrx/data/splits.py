@@ -38,6 +38,39 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.nonzero(~out).flatten(), torch.nonzero(out).flatten()
 
 
+def evaluation_parts(
+    train: Dataset,
+    test: Dataset | None,
+    labels: torch.Tensor,
+    val_split: float | None,
+    split_seed: int,
+    evaluation: Dataset | None = None,
+) -> dict[str, Dataset | None]:
+    """``train``, ``val`` and ``test`` of a dataset that comes as a training and a test set.
+
+    Without ``val_split`` the test set validates, as the papers report it. With it, a stratified
+    ``val_split`` of each class of the training set (``labels``), fixed by ``split_seed``,
+    validates, and the test set is kept for one evaluation at the end. The held-out images come
+    from ``evaluation``, the training images with evaluation transforms where a dataset
+    transforms per image; in-memory images are augmented on the device for training only.
+    """
+    if val_split is None:
+        return {"train": train, "val": test, "test": None}
+    if not (isinstance(val_split, (int, float)) and not isinstance(val_split, bool) and 0 < val_split < 1):
+        problem = "the share of each class held out to validate, or null (the test set validates)"
+        raise ConfigError("val_split", f"must be a number in (0, 1), {problem}, got {val_split!r}")
+    if not (isinstance(split_seed, int) and not isinstance(split_seed, bool) and 0 <= split_seed < 2**63):
+        raise ConfigError("split_seed", f"must be a whole number >= 0, got {split_seed!r}")
+    fit, held = stratified_split(labels, val_split, split_seed)
+    if not len(held) or not len(fit):
+        raise ConfigError(
+            "val_split",
+            f"holds out {len(held)} of the {len(labels)} training images (rounded per class); "
+            "choose a fraction that leaves images on both sides",
+        )
+    return {"train": _part(train, fit), "val": _part(evaluation or train, held), "test": test}
+
+
 class TensorImages(Dataset):
     """Images and labels in memory; DataLoader fetches a whole batch with one indexing op."""
 
@@ -129,7 +162,8 @@ def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, 
 
 @dataclass(frozen=True)
 class Splits:
-    """A train/validation pair, the shape facts the model is built from, and how batches are made.
+    """A train/validation pair (and a test set, evaluated once at the end, where one is kept apart),
+    the shape facts the model is built from, and how batches are made.
 
     In-memory datasets hand out whole batches and are augmented on the device by ``pipeline``;
     folder datasets decode and augment per image in ``num_workers`` DataLoader processes.
@@ -143,6 +177,7 @@ class Splits:
     pipeline: Pipeline = field(default_factory=Pipeline)
     classes: tuple[str, ...] = ()
     num_workers: int = 0
+    test: Dataset | None = None
 
     @property
     def collate(self) -> Callable[[Any], Any]:
@@ -175,8 +210,11 @@ def _subset(dataset: Dataset, count: int | None, setting: str) -> Dataset:
     check_positive_whole(setting, count)
     if count >= len(dataset):
         return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
-    return dataset.subset(keep) if isinstance(dataset, TensorImages) else Subset(dataset, keep.tolist())
+    return _part(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count])
+
+
+def _part(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    return dataset.subset(indices) if isinstance(dataset, TensorImages) else Subset(dataset, indices.tolist())
 
 
 def build_data(node: DictConfig) -> Splits:

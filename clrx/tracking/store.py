@@ -462,6 +462,8 @@ def main_run(
 def log_config(tracker: Tracker | Silent, cfg: DictConfig, data: Any, output_dir: Path) -> None:
     """The config as run, plus what the data turned out to be (sizes, classes of ``data``'s splits)."""
     sizes = {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes}
+    if data.test is not None:
+        sizes["test_images"] = len(data.test)
     tracker.params({**flatten(cfg), **flatten(sizes, "data.")})
     tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
     if data.classes:

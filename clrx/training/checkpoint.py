@@ -22,6 +22,7 @@ from clrx.errors import ConfigError
 FORMAT = 1
 DIRECTORY = "checkpoints"
 NAME = re.compile(r"step-(\d+)\.pt")
+BEST = "best.pt"  # beside the step-*.pt checkpoints; never resumed from, never pruned
 log = logging.getLogger("clrx")
 
 
@@ -80,6 +81,11 @@ def save(payload: dict[str, Any], path: Path, keep_last: int) -> None:
         old.unlink(missing_ok=True)
 
 
+def save_best(weights: dict[str, torch.Tensor], path: Path, best: dict[str, Any]) -> None:
+    """The weights of the best evaluation so far, with what made them best (metric, value, step, epoch)."""
+    write_atomically({"format": FORMAT, "model": weights, "best": best}, path)
+
+
 def load(path: Path) -> dict[str, Any]:
     """A checkpoint's contents; an unreadable or foreign file is a ConfigError naming it."""
     try:
@@ -90,6 +96,10 @@ def load(path: Path) -> dict[str, Any]:
         raise ConfigError("trainer.resume", f"checkpoint {path} cannot be read ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ConfigError("trainer.resume", f"{path} is not a clrx checkpoint (format {FORMAT})")
+    if "best" in payload:
+        raise ConfigError(
+            "trainer.resume", f"{path} holds a run's best weights only; resume from a step-*.pt checkpoint"
+        )
     return payload
 
 

@@ -8,11 +8,13 @@ continue exactly. What to run, resuming and automatic bounds are decided above, 
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from clrx.config.schema import watched_metrics
 from clrx.errors import ConfigError, Stopped
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
@@ -37,6 +40,8 @@ from clrx.training.recorder import Recorder
 from clrx.training.session import Batch, Session
 from clrx.training.stop import STOP
 
+log = logging.getLogger("clrx")
+
 
 @dataclass(frozen=True)
 class Result:
@@ -48,6 +53,8 @@ class Result:
     val_loss: float | None = None
     val_acc: float | None = None
     best_val_acc: float | None = None
+    test: dict[str, float] | None = None  # the test set's scores, where one is kept apart (dataset.val_split)
+    early_stop: str | None = None  # why training stopped before trainer.epochs
     suggestions: dict[str, Suggestion] | None = None
     no_suggestion: dict[str, str] | None = None  # range test: why a rule gave nothing
     stop_reason: str | None = None  # range test: why it ended
@@ -59,15 +66,41 @@ def progress_bar(session: Session, total: int) -> tqdm:
     return tqdm(total=total, unit="step", disable=quiet, dynamic_ncols=True)
 
 
+def improves(metric: str, value: float, best: Mapping[str, Any] | None) -> bool:
+    """Whether ``value`` beats the best so far: a loss (``val_loss``, ``train_loss_epoch``...) by being lower,
+    anything else by being higher."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best["value"] if "loss" in metric else value > best["value"])
+
+
 @dataclass
 class Progress:
     """Where a training run stands: all a checkpoint needs besides weights and generators."""
 
     step: int = 0
-    best: float = 0.0
+    bests: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric: its best value, step and epoch
     scores: dict[str, float] | None = None
     skipped: int = 0  # optimizer steps the fp16 loss scaler skipped
     seconds: float = 0.0
+    stopped: str | None = None  # why training ended before trainer.epochs (trainer.early_stop)
+
+    def watch(self, scores: Mapping[str, float], metrics: list[str], epoch: int) -> set[str]:
+        """Keep each of ``metrics``' best evaluation so far; the metrics this evaluation improved."""
+        improved = {metric for metric in metrics if improves(metric, scores[metric], self.bests.get(metric))}
+        for metric in improved:
+            self.bests[metric] = {"metric": metric, "value": scores[metric], "step": self.step, "epoch": epoch}
+        return improved
+
+    def out_of_patience(self, metric: str, patience: int, epoch: int, epochs: int) -> str | None:
+        """Why training stops after ``epoch`` of ``epochs``: ``metric`` has not improved for ``patience`` epochs."""
+        best = self.bests.get(metric)
+        stale = epoch - (0 if best is None else best["epoch"])
+        if stale < patience or epoch >= epochs:
+            return None
+        since = "" if best is None else f" (best {best['value']:.6g} at epoch {best['epoch']})"
+        unit = "epoch" if stale == 1 else "epochs"
+        return f"{metric} did not improve for {stale} {unit}{since}; stopped after epoch {epoch} of {epochs}"
 
 
 def _write_checkpoint(
@@ -105,6 +138,25 @@ def _write_checkpoint(
         checkpoint.save(payload, path, session.cfg.trainer.keep_last)
 
 
+def scored(session: Session, part: str) -> dict[str, float]:
+    """``part``'s scores of the model and, with trainer.ema, of the averaged weights (``val_acc_ema``...)."""
+    scores = session.evaluate(part)
+    if session.ema is not None:
+        scores |= {f"{key}_ema": value for key, value in session.evaluate(part, session.ema.module).items()}
+    return scores
+
+
+def _save_best(session: Session, tracker: Tracker, output_dir: Path, best: Mapping[str, Any]) -> None:
+    """``checkpoints/best.pt``: the weights that scored ``best`` (the averaged ones for an ``_ema`` metric),
+    which the MLflow run's tags describe."""
+    path = output_dir / checkpoint.DIRECTORY / checkpoint.BEST
+    model = session.ema.module if best["metric"].endswith("_ema") else session.plain_model
+    if session.accelerator.is_main_process:
+        checkpoint.save_best(model.state_dict(), path, dict(best))
+    tags = {f"clrx.best.{key}": str(value) for key, value in best.items()}
+    tracker.tags({**tags, "clrx.best.path": str(path)})
+
+
 def fit(
     session: Session,
     policy: Policy,
@@ -127,7 +179,7 @@ def fit(
         lr_setting=next((f"policy.{key}" for key in ("max_lr", "lr") if key in node), "the policy's learning rates"),
     )
     if resumed is not None:
-        progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__})
+        progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__ if key in resumed})
         session.load_state(resumed)
         checkpoint.set_rng_state(resumed["rng"][accelerator.process_index % len(resumed["rng"])])
         recorder.load(resumed["record"])
@@ -154,12 +206,26 @@ def fit(
         flag = torch.tensor([float(STOP.signum is not None)], device=accelerator.device)
         return session.reduce_mean(flag).item() > 0
 
+    save_best, early = watched_metrics(trainer)
+    watched = list(dict.fromkeys(metric for metric in ("val_acc", save_best, early) if metric))
+
+    def evaluate(epoch: int) -> None:
+        """Score the model, keep the best so far (and its weights, with trainer.save_best), decide on stopping."""
+        progress.scores = scored(session, "val")
+        scores = {"epoch": epoch, "train_loss_epoch": recorder.epoch_loss(per_epoch), **progress.scores}
+        tracker.metrics(scores, progress.step)
+        if save_best in progress.watch(scores, watched, epoch):
+            _save_best(session, tracker, output_dir, progress.bests[save_best])
+        if early:
+            progress.stopped = progress.out_of_patience(early, trainer.early_stop, epoch, trainer.epochs)
+
     start = time.perf_counter() - progress.seconds
     # Command to first step: the process's age now, imports and start-up included.
     tracker.metric("startup_seconds", time.time() - psutil.Process().create_time(), progress.step)
     session.model.train()
     try:  # closed also when the run stops early: a message must not land on the bar's line
-        for epoch in range(progress.step // per_epoch, trainer.epochs):
+        last = trainer.epochs if progress.stopped is None else progress.step // per_epoch
+        for epoch in range(progress.step // per_epoch, last):
             for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
                 session.policy_step(policy, progress.step, micro, recorder)
                 progress.step += 1
@@ -175,23 +241,26 @@ def fit(
                     stop(saved)
             recorder.drain()
             if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
-                progress.scores = session.evaluate()
-                if session.ema is not None:  # the averaged weights, scored alongside
-                    progress.scores |= {f"{key}_ema": v for key, v in session.evaluate(session.ema.module).items()}
-                progress.best = max(progress.best, progress.scores["val_acc"])
-                epoch_loss = recorder.epoch_loss(per_epoch)
-                tracker.metrics({"epoch": epoch + 1, "train_loss_epoch": epoch_loss, **progress.scores}, progress.step)
+                evaluate(epoch + 1)
             if accelerator.scaler is not None:
                 amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
                 tracker.metrics(amp, progress.step)
             save()
+            if progress.stopped is not None:
+                break
             if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
                 stop(saved=True)
     finally:
         bar.close()
     progress.seconds = time.perf_counter() - start
-    totals = {"best_val_acc": progress.best, "train_seconds": progress.seconds, "steps": progress.step}
-    tracker.metrics(totals, progress.step)
+    if progress.stopped is not None:
+        log.info("early stop: %s", progress.stopped)
+        tracker.tags({"clrx.early_stop": progress.stopped})
+    test = None if session.test_loader is None else scored(session, "test")
+    if test is not None:  # once, after training: nothing above reads the test set
+        tracker.metrics(test, progress.step)
+    totals = {f"best_{metric}": best["value"] for metric, best in progress.bests.items()}
+    tracker.metrics({**totals, "train_seconds": progress.seconds, "steps": progress.step}, progress.step)
     figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
     tracker.figure(figure, "plots/schedule.png")
     if trainer.save_model and accelerator.is_main_process:
@@ -208,7 +277,9 @@ def fit(
         seconds=progress.seconds,
         val_loss=progress.scores["val_loss"],
         val_acc=progress.scores["val_acc"],
-        best_val_acc=progress.best,
+        best_val_acc=progress.bests.get("val_acc", {}).get("value"),
+        test=test,
+        early_stop=progress.stopped,
     )
 
 

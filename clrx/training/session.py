@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from clrx.config.build import build_optimizer, instantiate
-from clrx.config.schema import check_launch, check_trainer
+from clrx.config.schema import TOP5_ABOVE, check_launch, check_metrics, check_trainer
 from clrx.data.splits import DeviceBatches, Splits, TensorImages, build_data
 from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
@@ -58,6 +58,7 @@ class Session:
     loss: TrainingLoss
     ema: ModelEmaV3 | None = None  # the average of the weights, where trainer.ema asks for one
     grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping, where it clips
+    test_loader: Batches | None = None  # a test set kept apart from validation (dataset.val_split)
 
     def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[Batch]]:
         """One optimizer step over the micro batches of one global batch.
@@ -131,26 +132,31 @@ class Session:
             yield from self.epoch(epoch)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Validation loss and top-1 accuracy of ``model`` (the run's) over the whole set (each sample counted once).
+    def evaluate(self, part: str = "val", model: torch.nn.Module | None = None) -> dict[str, float]:
+        """Loss and top-1 accuracy of ``model`` (the run's) over the whole ``part`` (``val`` or ``test``),
+        each sample counted once; also top-5 accuracy for datasets of more than TOP5_ABOVE classes (``val_acc5``).
 
         Sums stay on the device and are read back once, after the last batch.
         """
+        loader, size = (
+            (self.val_loader, len(self.data.val)) if part == "val" else (self.test_loader, len(self.data.test))
+        )
+        ks = (1, 5) if self.data.num_classes > TOP5_ABOVE else (1,)
         evaluated = self.model if model is None else model
         evaluated.eval()
-        shared = isinstance(self.val_loader, DeviceBatches)  # each process holds its own share of a batch
-        totals = torch.zeros(2, device=self.accelerator.device, dtype=torch.float64)  # loss sum, correct
-        for images, labels in self.val_loader:
+        shared = isinstance(loader, DeviceBatches)  # each process holds its own share of a batch
+        totals = torch.zeros(1 + len(ks), device=self.accelerator.device, dtype=torch.float64)  # loss sum, hits
+        for images, labels in loader:
             logits = evaluated(self.inputs(images, train=False))
             if not shared:
                 logits, labels = self.accelerator.gather_for_metrics((logits, labels))
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            totals += torch.stack([loss, (logits.argmax(dim=1) == labels).sum()])
+            totals += torch.cat([loss.view(1), top_k_hits(logits, labels, ks)])
         if shared:
             totals = self.accelerator.reduce(totals, "sum")
         self.model.train()
-        loss_sum, correct = totals.tolist()
-        return {"val_loss": loss_sum / len(self.data.val), "val_acc": correct / len(self.data.val)}
+        names = [f"{part}_loss", f"{part}_acc", f"{part}_acc5"]
+        return {name: total / size for name, total in zip(names, totals.tolist(), strict=False)}
 
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """A batch as the model takes it: augmented (training) and normalized on the device."""
@@ -189,6 +195,12 @@ class Session:
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, "mean")
+
+
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
+    """For each k, how many labels are among their row's k highest logits; a tensor on the logits' device."""
+    among = logits.topk(max(ks), dim=1).indices == labels[:, None]
+    return torch.stack([among[:, :k].any(dim=1).sum() for k in ks])
 
 
 def set_deterministic(on: bool) -> None:
@@ -234,8 +246,9 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
         ) from None
 
 
-def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tuple[Batches, Batches]:
-    """Training and validation batches: drawn where in-memory data lives, else Accelerate's loaders."""
+def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tuple[Batches, Batches, Batches | None]:
+    """Training, validation and test batches (None: no test set kept apart): drawn where in-memory
+    data lives, else Accelerate's loaders."""
     processes = accelerator.num_processes
     batch, accumulate = trainer.batch_size, trainer.grad_accum
     if batch % (processes * accumulate):
@@ -249,12 +262,15 @@ def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tup
             f"must not exceed the {len(data.train)} training images of dataset {data.name}, got {batch}",
         )
     micro = batch // accumulate  # all processes together; each takes its share
-    if isinstance(data.train, TensorImages) and isinstance(data.val, TensorImages):
+    evaluated = [part for part in (data.val, data.test) if part is not None]
+    if all(isinstance(part, TensorImages) for part in (data.train, *evaluated)):
         share = {"device": accelerator.device, "rank": accelerator.process_index, "processes": processes}
-        return DeviceBatches(data.train, micro, seed=trainer.seed, **share), DeviceBatches(data.val, micro, **share)
+        val, test = (None if part is None else DeviceBatches(part, micro, **share) for part in (data.val, data.test))
+        return DeviceBatches(data.train, micro, seed=trainer.seed, **share), val, test
     order = torch.Generator().manual_seed(trainer.seed)  # keeps DataLoader's seed draws off the global RNG
-    loaders = data.loader(data.train, micro, train=True, order=order), data.loader(data.val, micro, train=False)
-    return accelerator.prepare(*loaders)
+    train = data.loader(data.train, micro, train=True, order=order)
+    train, val, *test = accelerator.prepare(train, *(data.loader(part, micro, train=False) for part in evaluated))
+    return train, val, (test[0] if test else None)
 
 
 def _check_batch_norm(model: torch.nn.Module, trainer: DictConfig, processes: int) -> None:
@@ -280,6 +296,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     accelerator = accelerator_for(trainer)
     set_seed(trainer.seed, device_specific=True)  # each process its own augmentation; weights come from rank 0
     data = build_data(cfg.dataset)
+    check_metrics(trainer, data.num_classes)
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -291,7 +308,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
         )
         log.info("largest batch that trains: %d", trainer.batch_size)
     _check_batch_norm(model, trainer, accelerator.num_processes)
-    train_loader, val_loader = _loaders(data, trainer, accelerator)
+    train_loader, val_loader, test_loader = _loaders(data, trainer, accelerator)
     steps_per_epoch = len(train_loader) // trainer.grad_accum
     micro_batch = trainer.batch_size // (accelerator.num_processes * trainer.grad_accum)
     ema = (
@@ -312,4 +329,5 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
         momentum=momentum_name(optimizer),
         loss=training_loss(cfg.loss, data.num_classes, micro_batch),
         ema=ema,
+        test_loader=test_loader,
     )
