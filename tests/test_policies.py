@@ -417,11 +417,11 @@ REFUSED = [  # every validated setting: a value just outside what it allows, and
     ),
     (
         lambda: OneCycle(0.01, 0.1, 100, pct_start=0.51),
-        "pct_start: must be in (0, 0.5] with three_phase (the fall is as long as the rise), got 0.51",
+        "pct_start: must be in (0, 0.5] with three_phase=true (the fall is as long as the rise), got 0.51",
     ),
     (
         lambda: OneCycle(0.01, 0.1, 100, pct_start=0.0),
-        "pct_start: must be in (0, 0.5] with three_phase (the fall is as long as the rise), got 0.0",
+        "pct_start: must be in (0, 0.5] with three_phase=true (the fall is as long as the rise), got 0.0",
     ),
     (
         lambda: OneCycle(0.01, 0.1, 100, 0.1, pct_start=0.25, three_phase=False),

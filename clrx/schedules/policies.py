@@ -222,7 +222,7 @@ class OneCycle:
             _require(
                 self.pct_start is None or (_is_number(self.pct_start) and 0 < self.pct_start <= 0.5),
                 "pct_start",
-                f"must be in (0, 0.5] with three_phase (the fall is as long as the rise), got {self.pct_start!r}",
+                f"must be in (0, 0.5] with three_phase=true (the fall is as long as the rise), got {self.pct_start!r}",
             )
         else:
             _require(
