@@ -203,13 +203,15 @@ BAD_INPUT = [
     (["+polcy.max_lr=1"], "polcy: no part of clrx reads this setting; close names: policy"),
     (
         ["trainer.save_best=val_accuracy"],
-        "trainer.save_best: must be one of val_acc, val_loss, val_acc5, train_loss_epoch or null, got 'val_accuracy'",
+        "trainer.save_best: must be one of val_acc, val_loss, val_acc5, train_loss_epoch, val_acc_ema, val_loss_ema, "
+        "val_acc5_ema or null, got 'val_accuracy'",
     ),
     (["trainer.save_best=test_acc"], "trainer.save_best: must be one of val_acc, val_loss"),  # never the test set
     (["trainer.early_stop=2", "trainer.early_stop_metric=loss"], "trainer.early_stop_metric: must be one of val_acc"),
     (["trainer.early_stop=-1"], "trainer.early_stop: must be at least 0, got -1"),
     (["trainer.early_stop_metric=val_loss"], "trainer.early_stop_metric: is read only with trainer.early_stop=N"),
     (["trainer.save_best=val_acc5"], "trainer.save_best: val_acc5 is logged only for datasets of more than 10 classes"),
+    (["trainer.save_best=val_acc_ema"], "trainer.save_best: val_acc_ema is logged only with trainer.ema set"),
     (["+dataset.val_split=0.1"], "dataset.val_split: is not a setting of digits"),  # it has val_fraction
 ]
 

@@ -6,10 +6,11 @@ import torch.nn.functional as F
 from timm.utils import accuracy
 
 from clrx.config.build import instantiate
-from clrx.config.schema import compose_run
+from clrx.config.schema import EVALUATION_METRICS, compose_run
 from clrx.data.splits import build_data
 from clrx.errors import ConfigError
 from clrx.training import checkpoint
+from clrx.training.loop import improves
 from clrx.training.run import train
 from clrx.training.session import prepare, top_k_hits
 from tests.test_device import ScalarReads
@@ -172,3 +173,29 @@ def test_early_stopping_ends_a_run_after_exactly_patience_epochs_without_improve
         f"val_acc did not improve for 2 epochs (best {accuracies[0]:.6g} at epoch 1); stopped after epoch 3 of 6"
     )
     assert result.early_stop == run.data.tags["clrx.early_stop"]
+
+
+@pytest.mark.parametrize("metric", EVALUATION_METRICS)
+def test_a_loss_improves_by_falling_and_an_accuracy_by_rising(metric):
+    lower = "loss" in metric
+    assert improves(metric, 0.5, None) and not improves(metric, float("nan"), None)
+    assert improves(metric, 0.4, {"value": 0.5}) == lower and improves(metric, 0.6, {"value": 0.5}) == (not lower)
+    assert not improves(metric, 0.5, {"value": 0.5})  # equal is no improvement: patience runs on
+    assert lower == (metric in ("val_loss", "train_loss_epoch", "val_loss_ema"))
+
+
+def test_the_best_averaged_weights_are_kept_for_an_ema_metric(tmp_path, store):
+    uri, client = store
+    run = ("dataset.limit_train=64", "trainer.batch_size=16", "trainer.epochs=2", "trainer.ema=0.5")
+    cfg = compose_run(*run, "trainer.save_best=val_loss_ema", "trainer.progress=false", f"tracking.uri={uri}")
+    result = train(cfg, tmp_path)
+    step, value = min(_points(client, result.run_id, "val_loss_ema"), key=lambda point: point[1])
+    saved = torch.load(tmp_path / checkpoint.DIRECTORY / checkpoint.BEST)
+    assert (saved["best"]["metric"], saved["best"]["step"], saved["best"]["value"]) == ("val_loss_ema", step, value)
+    model = instantiate(cfg.model, "model", num_classes=10, in_chans=1)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    data = build_data(cfg.dataset)
+    with torch.no_grad():
+        loss = F.cross_entropy(model(data.pipeline(data.val.images, train=False)), data.val.labels).item()
+    assert loss == pytest.approx(value, rel=1e-5)  # the averaged weights, not the trained ones
