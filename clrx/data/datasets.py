@@ -73,7 +73,9 @@ def _cifar(
     with open(base / meta_file, "rb") as file:
         names = tuple(pickle.load(file, encoding="latin1")[CIFAR_NAMES[classes]])
     pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
-    return Splits(f"cifar{classes}", read(train_files), read([test_file]), classes, 3, pipeline, names)
+    return Splits(
+        f"cifar{classes}", read(train_files), read([test_file]), classes, 3, pipeline, names, source=str(base)
+    )
 
 
 def cifar10(
@@ -104,10 +106,10 @@ def cifar100(
 
 def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, crop_padding: int, flip: bool) -> Splits:
     reader = MNIST[kind]
+    raw = Path(root).expanduser().resolve() / reader.__name__ / "raw"
     try:
         train, test = (reader(root, train=part, download=download) for part in (True, False))
     except RuntimeError:
-        raw = Path(root).expanduser().resolve() / reader.__name__ / "raw"
         files = ", ".join(Path(url).name.removesuffix(".gz") for url, _ in reader.resources)
         raise ConfigError(
             "root",
@@ -116,7 +118,7 @@ def _mnist(kind: str, root: str, download: bool, normalize: bool, mean, std, cro
         ) from None
     pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
     parts = [TensorImages(part.data.unsqueeze(1).contiguous(), part.targets.long()) for part in (train, test)]
-    return Splits(kind, *parts, len(train.classes), 1, pipeline, tuple(train.classes))
+    return Splits(kind, *parts, len(train.classes), 1, pipeline, tuple(train.classes), source=str(raw))
 
 
 def mnist(
@@ -209,7 +211,8 @@ def imagefolder(
     if val.classes != train.classes:
         raise ConfigError("root", f"{val_dir} has classes {val.classes}, train has {train.classes}; they must match")
     workers = default_workers() if num_workers is None else num_workers
-    return Splits(base.name, train, val, len(train.classes), 3, classes=tuple(train.classes), num_workers=workers)
+    classes = tuple(train.classes)
+    return Splits(base.name, train, val, len(classes), 3, classes=classes, num_workers=workers, source=str(base))
 
 
 def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0) -> Splits:
@@ -233,6 +236,7 @@ def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0)
         val=TensorImages((val - mean) / std, labels[val_idx]),
         num_classes=10,
         in_chans=1,
+        source=str(digits_file()),
     )
 
 
@@ -241,9 +245,13 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
 
     Read directly: importing scikit-learn would take seconds of a run's start-up.
     """
-    package = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    data = np.loadtxt(Path(package.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    data = np.loadtxt(digits_file(), delimiter=",")
     return torch.tensor(data[:, :-1], dtype=torch.float32).view(-1, 8, 8), torch.tensor(data[:, -1], dtype=torch.long)
+
+
+def digits_file() -> Path:
+    """The digits file scikit-learn ships, found without importing scikit-learn."""
+    return Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "data" / "digits.csv.gz"
 
 
 def fake(

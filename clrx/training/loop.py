@@ -48,6 +48,7 @@ class Result:
     val_loss: float | None = None
     val_acc: float | None = None
     best_val_acc: float | None = None
+    final: dict[str, float] | None = None  # training: every metric logged at the end, by name (the objectives)
     suggestions: dict[str, Suggestion] | None = None
     no_suggestion: dict[str, str] | None = None  # range test: why a rule gave nothing
     stop_reason: str | None = None  # range test: why it ended
@@ -200,6 +201,15 @@ def fit(
         if session.ema is not None:
             checkpoint.write_atomically(session.ema.module.state_dict(), output_dir / "model_ema.pt")
             tracker.tags({"clrx.model_ema_path": str(output_dir / "model_ema.pt")})
+    if cfg.tracking.log_model and accelerator.is_main_process:
+        model, example = session.exported()
+        metadata = {
+            "timm_model": cfg.model.name,
+            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "num_classes": session.data.num_classes,
+            "in_chans": session.data.in_chans,
+        }
+        tracker.model(model, example, metadata, progress.step, cfg.tracking.register_as)
     return Result(
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,
@@ -209,6 +219,7 @@ def fit(
         val_loss=progress.scores["val_loss"],
         val_acc=progress.scores["val_acc"],
         best_val_acc=progress.best,
+        final={**progress.scores, **totals},
     )
 
 
