@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import main_in_process
+from tests.conftest import ROOT, main_in_process
 
 QUICK = ("trainer.epochs=1", "trainer.batch_size=128", "trainer.log_every=11")
 
@@ -71,6 +71,21 @@ def test_the_run_is_tagged_with_the_commit_user_and_entry_point_of_its_code(trac
     assert tags["mlflow.source.name"] == "train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"] == getpass.getuser()
     assert tags["mlflow.runName"].startswith("one_cycle-test_resnet-digits-")  # clrx's own name is kept
+
+
+def test_a_run_started_outside_any_repository_carries_the_commit_of_clrxs_checkout(tmp_path, store):
+    uri, client = store
+    if subprocess.run(["git", "rev-parse"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("clrx does not run from a git checkout here")
+    script = (
+        "from clrx.tracking.store import open_store, tracked_run\n"
+        f"with tracked_run(open_store({uri!r}), 't', None, {{}}) as run:\n"
+        "    print(run.run_id)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tags = client.get_run(done.stdout.split()[-1]).data.tags
+    assert tags["mlflow.source.name"] == "-c" and tags["mlflow.source.git.commit"] == _git(ROOT, "rev-parse", "HEAD")
 
 
 def test_the_data_is_a_dataset_input_per_split_with_its_source_and_sizes(tracked):

@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -19,15 +20,26 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL
 
 MODEL_NAME = "model"  # the logged model loads from runs:/<run id>/model
+GIT_TAGS = {MLFLOW_GIT_COMMIT: get_git_commit, MLFLOW_GIT_BRANCH: get_git_branch, MLFLOW_GIT_REPO_URL: get_git_repo_url}
 
 
 def context_tags(tags: Mapping[str, str]) -> dict[str, str]:
     """``tags`` over what ``mlflow.start_run`` would tag a run with here: ``mlflow.user``, ``mlflow.source.name``
-    (the entry point), ``mlflow.source.git.commit`` (of the entry point's repository)...; clrx's own tags win."""
-    return resolve_tags(dict(tags))
+    (the entry point), ``mlflow.source.git.commit`` (of the entry point's repository)...; clrx's own tags win.
+
+    An entry point outside any repository (the ``clrx`` command in a virtual environment, a cluster's
+    job launcher) gets the git tags of clrx's own checkout, if clrx runs from one.
+    """
+    resolved = resolve_tags(dict(tags))
+    if MLFLOW_GIT_COMMIT not in resolved:
+        code = str(Path(__file__).resolve().parents[1])
+        found = {key: read(code) for key, read in GIT_TAGS.items()}
+        resolved = {**{key: value for key, value in found.items() if value}, **resolved}
+    return resolved
 
 
 def dataset_inputs(name: str, source: str | None, splits: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list:
