@@ -3,6 +3,7 @@
 import getpass
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +15,8 @@ import pytest
 import timm
 import torch
 
+from clrx.data.datasets import imagefolder
+from clrx.tracking.provenance import dataset_inputs
 from tests.conftest import ROOT, main_in_process
 
 QUICK = ("trainer.epochs=1", "trainer.batch_size=128", "trainer.log_every=11")
@@ -97,6 +100,21 @@ def test_the_data_is_a_dataset_input_per_split_with_its_source_and_sizes(tracked
     assert train.source_type == "local" and "digits.csv.gz" in train.source
     for dataset, key in ((train, "data.train_images"), (val, "data.val_images")):  # MLflow's profile: shapes
         assert json.loads(dataset.profile)["features_shape"] == [int(run.data.params[key]), 1, 16, 16]
+
+
+def test_an_image_folder_is_digested_by_its_files_and_labels_wherever_it_lies(tmp_path, data_root):
+    copy = shutil.copytree(data_root / "folder", tmp_path / "elsewhere")
+    inputs = [
+        dataset_inputs(data.name, data.source, data.contents())
+        for data in (imagefolder(str(data_root / "folder"), num_workers=0), imagefolder(str(copy), num_workers=0))
+    ]
+    (train, val), (moved_train, moved_val) = ([i.dataset for i in pair] for pair in inputs)
+    assert (train.digest, val.digest) == (moved_train.digest, moved_val.digest) and train.digest != val.digest
+    assert train.source != moved_train.source and str(copy) in moved_train.source
+    assert json.loads(train.profile)["targets_shape"] == [36] and json.loads(val.profile)["targets_shape"] == [12]
+    (copy / "train" / "class0" / "0.jpg").rename(copy / "train" / "class1" / "renamed.jpg")
+    relabeled = dataset_inputs("x", None, imagefolder(str(copy), num_workers=0).contents())[0].dataset
+    assert relabeled.digest != train.digest
 
 
 def test_system_metrics_are_sampled_while_the_run_lasts(tracked):
