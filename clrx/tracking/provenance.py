@@ -2,7 +2,7 @@
 
 clrx creates runs with ``MlflowClient``, not ``mlflow.start_run``, so the tags MLflow's run
 context providers give a run (user, entry point, git commit), its dataset inputs, its system
-metrics and its logged model are asked for here, each through MLflow's public API.
+metrics and its logged model are asked for here, each from MLflow's own code.
 """
 
 from __future__ import annotations
