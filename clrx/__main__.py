@@ -8,6 +8,7 @@ python -m clrx -m optimizer.weight_decay=1e-3,1e-4,1e-5,0
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clrx.config.schema import CONF, check_added, main_process, prefer_given, register
+from clrx.config.schema import CONF, check_added, main_process, prefer_given, register, worst
 from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.opening import open_in_background
@@ -48,7 +49,12 @@ def slurm_processes() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
-def app(cfg: DictConfig) -> float | None:
+def app(cfg: DictConfig) -> float:
+    """Train (or range-test) one run; return its ``tracking.objective`` for a sweeper such as Optuna.
+
+    A job that failed or diverged returns the objective's worst value (-inf when maximizing, inf when
+    minimizing), which a sweeper ranks last; a range test or a dry run has no score and returns NaN.
+    """
     global _started
     _started = True
     slurm_processes()
@@ -83,9 +89,9 @@ def app(cfg: DictConfig) -> float | None:
                 record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
             except ClrxError as unusable:  # no store to report to: the sweep cannot go on
                 exit_with("clrx", str(unusable), 2)
-        return None
+        return worst(cfg.tracking.objective)
     if result is None:  # dry run
-        return None
+        return math.nan
     if result.suggestions is not None:
         _report_range_test(result, cfg.policy)
     else:
@@ -101,9 +107,10 @@ def app(cfg: DictConfig) -> float | None:
             log.info("test set: %s", ", ".join(f"{key} {value:.4f}" for key, value in result.test.items()))
     log.info("MLflow run %s in experiment '%s' at %s", result.run_id, result.experiment, result.tracking_uri)
     log.info("open the UI: mlflow ui --backend-store-uri %s  (or: make ui)", result.tracking_uri)
-    if result.suggestions is None:
-        return result.val_acc
-    return result.suggestions[cfg.policy.rule].max_lr if cfg.policy.rule in result.suggestions else None
+    if result.final is None:  # a range test suggests bounds; it scores nothing
+        return math.nan
+    score = result.final[cfg.tracking.objective]
+    return score if math.isfinite(score) else worst(cfg.tracking.objective)
 
 
 def job_name(num: int, overrides: list[str], limit: int = 80) -> str:

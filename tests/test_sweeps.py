@@ -108,6 +108,45 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
     assert client.get_experiment_by_name("clrx").tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_an_optuna_search_ranks_a_diverging_trial_last_and_names_the_best(tmp_path, store):
+    """The shipped Optuna sweep (TPE, seed 0), four trials over max_lr values of which one diverges."""
+    uri, client = store
+    done = _sweep_run(
+        tmp_path,
+        "+sweep=optuna_search",
+        "hydra.sweeper.n_trials=4",
+        "policy.max_lr=choice(0.1,0.2,0.4,1000000.0)",  # the command line replaces the sweep's ranges
+        "optimizer.weight_decay=1e-4",
+        "loss.label_smoothing=0.1",
+        "trainer.batch_size=128",
+        "tracking.log_model=false",
+    )
+    sweep_dir = tmp_path / "sweep"
+    parent, children = _family(client, sweep_dir)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    diverged = [child for child in children if child.data.params["policy.max_lr"] == "1000000.0"]
+    trained = [child for child in children if child not in diverged]
+    assert diverged and trained  # seed 0 draws both kinds
+    assert all(c.info.status == "FAILED" and "loss became" in c.data.tags["clrx.failure"] for c in diverged)
+    assert all(child.info.status == "FINISHED" for child in trained)
+    assert "Failed experiment" not in done.stderr + done.stdout  # every job returned a value Optuna could rank
+    best_value = max(child.data.metrics["best_val_acc"] for child in trained)
+    rows = _summary(sweep_dir)  # best first, the diverged last
+    assert [row["status"] for row in rows] == ["FINISHED"] * len(trained) + ["FAILED"] * len(diverged)
+    scores = [float(row["best_val_acc"]) for row in rows[: len(trained)]]
+    assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(best_value)
+    prefix = "best by best_val_acc (maximize): job "
+    line = next(text for text in done.stdout.splitlines() if text.startswith(prefix))
+    job, _, rest = line.removeprefix(prefix).partition(", ")
+    named = next(child for child in children if child.data.tags["clrx.job"] == job)
+    assert named.data.metrics["best_val_acc"] == best_value
+    assert rest == f"policy.max_lr={named.data.params['policy.max_lr']}: {best_value:.4g}"
+    assert (sweep_dir / "summary.md").read_text().startswith(line)
+    optuna = OmegaConf.load(sweep_dir / "optimization_results.yaml")  # Optuna's own pick agrees
+    assert optuna.best_value == best_value
+    assert optuna.best_params["policy.max_lr"] == float(named.data.params["policy.max_lr"])
+
+
 def test_job_names_say_what_the_job_changed():
     overrides = ["+sweep=clr_vs_fixed", "optimizer.weight_decay=1e-05", "policy=triangular2", "tracking.uri=x"]
     assert job_name(3, overrides) == "job 3: weight_decay=1e-05 policy=triangular2"
@@ -133,6 +172,15 @@ def test_the_regularization_balance_sweeps_weight_decay_by_label_smoothing_at_on
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert params == {"optimizer.weight_decay": "1e-3,1e-4,1e-5,0", "loss.label_smoothing": "0,0.05,0.1"}
     assert cfg.hydra.runtime.choices["policy"] == "one_cycle" and cfg.policy.max_lr != "auto"
+
+
+def test_the_optuna_search_samples_three_settings_with_tpe_in_the_objectives_direction():
+    sweeper = compose_run("+sweep=optuna_search", return_hydra=True).hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert set(sweeper.params) == {"policy.max_lr", "optimizer.weight_decay", "loss.label_smoothing"}
+    assert sweeper.direction == "maximize"  # best_val_acc
+    minimizing = compose_run("+sweep=optuna_search", "tracking.objective=val_loss", return_hydra=True)
+    assert minimizing.hydra.sweeper.direction == "minimize"
 
 
 def test_bisect_sweeps_three_values_around_the_given_weight_decay():

@@ -7,6 +7,7 @@ key); the value ranges that types cannot express are checked by ``check_trainer`
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ CONF = Path(__file__).resolve().parents[2] / "conf"  # absolute: the same for `p
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "bf16", "fp16")
 ON_FAILURE = ("continue", "stop")
+# What ``python -m clrx`` returns to a sweeper: a metric every training run logs at its end, and which way is better.
+OBJECTIVES = {"best_val_acc": "maximize", "val_acc": "maximize", "val_loss": "minimize", "train_seconds": "minimize"}
 MOST_EPOCHS = 1_000_000
 SEEDS = 2**32  # numpy's generators take seeds below this
 GROUPS = (
@@ -122,6 +125,10 @@ class TrackingConfig:
     run_name: str | None = None
     timeout: int = 20  # seconds one call to an MLflow server may take, retries included
     on_failure: str = "continue"  # a store that stops taking writes: continue (points kept in the journal) or stop
+    log_model: bool = True  # the trained model as an MLflow model (mlflow.pytorch), loadable from runs:/<id>/model
+    register_as: str | None = None  # also register the logged model under this name in the model registry
+    system_metrics: bool = False  # CPU, memory, disk, network and GPU use every 10 s (MLflow's SystemMetricsMonitor)
+    objective: str = "best_val_acc"  # the value a sweeper ranks a job by; one of OBJECTIVES
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -199,6 +206,23 @@ def check_tracking(tracking: TrackingConfig) -> None:
         raise ConfigError("tracking.timeout", f"must be at least 1 (seconds), got {tracking.timeout}")
     if tracking.on_failure not in ON_FAILURE:
         raise ConfigError("tracking.on_failure", f"must be one of {', '.join(ON_FAILURE)}, got {tracking.on_failure!r}")
+    direction(tracking.objective)
+    if tracking.register_as is not None and not (tracking.log_model and str(tracking.register_as).strip()):
+        problem = "names a registered model: give a name" if tracking.log_model else "needs tracking.log_model=true"
+        raise ConfigError("tracking.register_as", f"{problem}, got {tracking.register_as!r}")
+
+
+def direction(objective: str) -> str:
+    """``maximize`` or ``minimize``: which way ``objective`` (a ``tracking.objective``) is better."""
+    if objective not in OBJECTIVES:
+        allowed = ", ".join(f"{name} ({way})" for name, way in OBJECTIVES.items())
+        raise ConfigError("tracking.objective", f"must be one of {allowed}, got {objective!r}")
+    return OBJECTIVES[objective]
+
+
+def worst(objective: str) -> float:
+    """What a failed or diverged job scores: past any value a run can reach, so a sweeper ranks it last."""
+    return -math.inf if OBJECTIVES.get(objective) == "maximize" else math.inf
 
 
 def _check_uri(uri: str) -> None:

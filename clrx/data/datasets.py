@@ -86,7 +86,9 @@ def _cifar(
     pipeline = _pipeline(normalize, mean, std, crop_padding, flip)
     train = read(train_files)
     parts = evaluation_parts(train, read([test_file]), train.labels, val_split, split_seed)
-    return Splits(f"cifar{classes}", **parts, num_classes=classes, in_chans=3, pipeline=pipeline, classes=names)
+    return Splits(
+        f"cifar{classes}", **parts, num_classes=classes, in_chans=3, pipeline=pipeline, classes=names, source=str(base)
+    )
 
 
 def cifar10(
@@ -135,10 +137,10 @@ def _mnist(
     split_seed: int,
 ) -> Splits:
     reader = MNIST[kind]
+    raw = Path(root).expanduser().resolve() / reader.__name__ / "raw"
     try:
         train, test = (reader(root, train=part, download=download) for part in (True, False))
     except RuntimeError:
-        raw = Path(root).expanduser().resolve() / reader.__name__ / "raw"
         files = ", ".join(Path(url).name.removesuffix(".gz") for url, _ in reader.resources)
         raise ConfigError(
             "root",
@@ -149,7 +151,9 @@ def _mnist(
     fit, held = (TensorImages(part.data.unsqueeze(1).contiguous(), part.targets.long()) for part in (train, test))
     parts = evaluation_parts(fit, held, fit.labels, val_split, split_seed)
     classes = tuple(train.classes)
-    return Splits(kind, **parts, num_classes=len(classes), in_chans=1, pipeline=pipeline, classes=classes)
+    return Splits(
+        kind, **parts, num_classes=len(classes), in_chans=1, pipeline=pipeline, classes=classes, source=str(raw)
+    )
 
 
 def mnist(
@@ -259,7 +263,9 @@ def imagefolder(
     parts = evaluation_parts(train, val, labels, val_split, split_seed, evaluation=_transformed(train, evaluate))
     workers = default_workers() if num_workers is None else num_workers
     classes = tuple(train.classes)
-    return Splits(base.name, **parts, num_classes=len(classes), in_chans=3, classes=classes, num_workers=workers)
+    return Splits(
+        base.name, **parts, num_classes=len(classes), in_chans=3, classes=classes, num_workers=workers, source=str(base)
+    )
 
 
 def _transformed(folder: datasets.ImageFolder, transform: Callable) -> datasets.ImageFolder:
@@ -290,6 +296,7 @@ def digits(image_size: int = 16, val_fraction: float = 0.2, split_seed: int = 0)
         val=TensorImages((val - mean) / std, labels[val_idx]),
         num_classes=10,
         in_chans=1,
+        source=str(digits_file()),
     )
 
 
@@ -298,9 +305,13 @@ def digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
 
     Read directly: importing scikit-learn would take seconds of a run's start-up.
     """
-    package = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    data = np.loadtxt(Path(package.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    data = np.loadtxt(digits_file(), delimiter=",")
     return torch.tensor(data[:, :-1], dtype=torch.float32).view(-1, 8, 8), torch.tensor(data[:, -1], dtype=torch.long)
+
+
+def digits_file() -> Path:
+    """The digits file scikit-learn ships, found without importing scikit-learn."""
+    return Path(importlib.util.find_spec("sklearn").origin).parent / "datasets" / "data" / "digits.csv.gz"
 
 
 def fake(

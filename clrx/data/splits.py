@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
@@ -178,6 +180,7 @@ class Splits:
     classes: tuple[str, ...] = ()
     num_workers: int = 0
     test: Dataset | None = None
+    source: str | None = None  # the file or folder it was read from; None: made by code (fake)
 
     @property
     def collate(self) -> Callable[[Any], Any]:
@@ -197,11 +200,25 @@ class Splits:
             pin_memory=torch.cuda.is_available(),  # non-blocking copies to the GPU
         )
 
+    def contents(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each part's contents as arrays, for a digest: in-memory images and labels, or each file's path
+        (relative to the part's folder, so a moved copy stays the same data) and label."""
+        return {"training": _arrays(self.train), "validation": _arrays(self.val)}
+
     def limited(self, limit_train: int | None, limit_val: int | None) -> Splits:
         """The same data cut to a fixed random subset of each part, for quick runs."""
         return replace(
             self, train=_subset(self.train, limit_train, "limit_train"), val=_subset(self.val, limit_val, "limit_val")
         )
+
+
+def _arrays(part: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(part, TensorImages):
+        return part.images.cpu().numpy(), part.labels.cpu().numpy()
+    folder, indices = (part.dataset, part.indices) if isinstance(part, Subset) else (part, range(len(part)))
+    samples = [folder.samples[index] for index in indices]  # torchvision's DatasetFolder: (path, class)
+    paths = np.array([str(Path(path).relative_to(folder.root)) for path, _ in samples], dtype=object)
+    return paths, np.array([label for _, label in samples], dtype=np.int64)
 
 
 def _subset(dataset: Dataset, count: int | None, setting: str) -> Dataset:

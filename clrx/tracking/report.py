@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from clrx.config.schema import OBJECTIVES, TrackingConfig
 from clrx.errors import ClrxError, user_errors
 from clrx.tracking.store import PARENT_FILE, default_uri, open_store, parent_run_id
 
@@ -41,9 +42,15 @@ def _last(run: Run, key: str) -> float | None:
     return run.data.metrics.get(key)
 
 
+def objective(runs: list[Run]) -> str:
+    """The metric the sweep ranks its jobs by: their ``tracking.objective``."""
+    given = (run.data.params.get("tracking.objective") for run in runs)
+    return next((name for name in given if name in OBJECTIVES), TrackingConfig.objective)
+
+
 def rows(runs: list[Run]) -> list[dict[str, object]]:
-    """One row a job: what it swept, how it ended, and its results or suggested bounds."""
-    table, labels = [], varying(runs)
+    """One row a job: what it swept, how it ended, and its results (best first by the objective) or suggested bounds."""
+    table, labels, goal = [], varying(runs), objective(runs)
     for run in runs:
         tags = run.data.tags
         row: dict[str, object] = {
@@ -66,13 +73,26 @@ def rows(runs: list[Run]) -> list[dict[str, object]]:
                 steps=_last(run, "steps"),
                 seconds=_last(run, "train_seconds"),
             )
+            row.setdefault(goal, _last(run, goal))
         if run.info.status != "FINISHED":
             row["failure"] = tags.get("clrx.failure", "")
         table.append(row)
     trained = [row for row in table if "best_val_acc" in row]
     if len(trained) == len(table):  # training results: best first, unfinished last
-        table.sort(key=lambda row: (row["status"] != "FINISHED", -(row["best_val_acc"] or 0.0)))
+        sign = -1 if OBJECTIVES[goal] == "maximize" else 1
+        table.sort(key=lambda row: (row["status"] != "FINISHED", row[goal] is None, sign * (row[goal] or 0.0)))
     return table
+
+
+def best_line(runs: list[Run], table: list[dict[str, object]]) -> str | None:
+    """``best by best_val_acc (maximize): job 2, policy.max_lr=0.3 ...: 0.9861``; None where no job scored."""
+    goal = objective(runs)
+    scored = [row for row in table if row["status"] == "FINISHED" and row.get(goal) is not None]
+    if not scored:
+        return None
+    best = (max if OBJECTIVES[goal] == "maximize" else min)(scored, key=lambda row: row[goal])
+    swept = f", {best['swept']}" if best["swept"] else ""
+    return f"best by {goal} ({OBJECTIVES[goal]}): job {best['job']}{swept}: {_cell(best[goal])}"
 
 
 def _columns(table: list[dict[str, object]]) -> list[str]:
@@ -130,24 +150,30 @@ def overlay(client: MlflowClient, runs: list[Run]) -> Figure:
     return figure
 
 
-def report(client: MlflowClient, parent: str, out_dir: Path, close: bool = False) -> list[dict[str, object]]:
-    """Write the summary to ``out_dir`` and attach it to the parent run (closing it if asked)."""
+def report(
+    client: MlflowClient, parent: str, out_dir: Path, close: bool = False
+) -> tuple[list[dict[str, object]], str | None]:
+    """Write the summary to ``out_dir`` and attach it to the parent run (closing it if asked).
+
+    Returns the table and the line naming the best job (None for range tests, or where none finished).
+    """
     runs = children(client, parent)
     table = rows(runs)
+    best = best_line(runs, table)
     out_dir.mkdir(parents=True, exist_ok=True)
     if table:
         with (out_dir / "summary.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=_columns(table))
             writer.writeheader()
             writer.writerows(table)
-        (out_dir / "summary.md").write_text(markdown(table))
+        (out_dir / "summary.md").write_text((f"{best}\n\n" if best else "") + markdown(table))
         overlay(client, runs).savefig(out_dir / "summary.png")
         for name in ("summary.csv", "summary.md", "summary.png"):
             client.log_artifact(parent, str(out_dir / name), "summary")
     if close:
         finished = any(run.info.status == "FINISHED" for run in runs)
         client.set_terminated(parent, "FINISHED" if finished else "FAILED")
-    return table
+    return table, best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception:
             raise ClrxError(f"no MLflow run {parent!r} in {client.tracking_uri}") from None
         out = folder if folder.is_dir() else Path("reports") / parent
-        table = report(client, parent, out)
-    print(markdown(table) if table else "the sweep has no job runs yet")
+        table, best = report(client, parent, out)
+    print((f"{best}\n\n" if best else "") + markdown(table) if table else "the sweep has no job runs yet")
     print(f"summary in {out} and on run {parent}")
 
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.errors import ConfigError, Stopped
 from clrx.tracking.journal import Journal, read, replay, stored_steps
+from clrx.tracking.provenance import context_tags, dataset_inputs, log_model, system_monitor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -214,12 +215,14 @@ class Tracker:
         logged: Mapping[str, int] | None = None,
         journal: Journal | None = None,
         on_failure: str = "continue",
+        system_metrics: bool = False,
     ) -> None:
         self.client, self.run_id, self.journal, self.on_failure = client, run_id, journal, on_failure
         self._logged = dict(logged or {})
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._recorded = 0  # points handed to the journal and the writer
         self._writer = _Writer(client, run_id)
+        self._monitor = system_monitor(client, run_id, resume=bool(logged)) if system_metrics else None
 
     @property
     def uri(self) -> str:
@@ -313,11 +316,32 @@ class Tracker:
     def artifacts(self, directory: Path, artifact_path: str) -> None:
         self._store(self.client.log_artifacts, self.run_id, str(directory), artifact_path)
 
+    def inputs(self, data: Any) -> None:
+        """``data``'s splits as MLflow dataset inputs (see ``provenance.dataset_inputs``)."""
+        self._store(self.client.log_inputs, self.run_id, dataset_inputs(data.name, data.source, data.contents()))
+
+    def model(
+        self, model: Any, example: Any, metadata: Mapping[str, Any], step: int, register_as: str | None = None
+    ) -> None:
+        """The trained model as the run's MLflow model (see ``provenance.log_model``), with the metrics at ``step``.
+
+        A model MLflow cannot save is a warning, not the run's failure: its weights are in model.pt.
+        """
+        self.sync()  # the final metrics, which MLflow copies onto the logged model
+        if self._writer.error is not None:
+            return
+        try:
+            log_model(self.client, self.run_id, model, example, metadata, step, register_as)
+        except Exception as error:
+            log.warning("tracking.log_model: the model was not logged: %s", _reason(error))
+
     def finish(self, status: str, reason: str | None = None) -> None:
         """Wait for every buffered point to land, replay what the store missed, then close the run with ``status``.
 
         A store that still refuses leaves the points in the journal and ends as a ConfigError naming it.
         """
+        if self._monitor is not None:  # its last samples, while the run still counts as RUNNING
+            self._monitor.finish()
         self._hand_on()
         self._writer.close()
         try:
@@ -379,6 +403,14 @@ class Silent:
     def artifacts(self, directory: Path, artifact_path: str) -> None:
         pass
 
+    def inputs(self, data: Any) -> None:
+        pass
+
+    def model(
+        self, model: Any, example: Any, metadata: Mapping[str, Any], step: int, register_as: str | None = None
+    ) -> None:
+        pass
+
 
 def _reopen(client: MlflowClient, run_id: str, journal: Path | None) -> dict[str, int]:
     """Mark an earlier run RUNNING again, with what its journal holds and the store missed.
@@ -410,21 +442,25 @@ def tracked_run(
     resume: str | None = None,
     journal: Path | None = None,
     on_failure: str = "continue",
+    system_metrics: bool = False,
 ) -> Iterator[Tracker]:
     """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING.
 
     ``resume`` is the id of an earlier run to continue: its metrics go on where they stopped.
-    ``journal`` is the file every point is written to first (see ``clrx.tracking.journal``).
+    ``journal`` is the file every point is written to first (see ``clrx.tracking.journal``). A new
+    run is tagged as ``mlflow.start_run`` would tag it (user, entry point, git commit), under ``tags``.
+    ``system_metrics``: MLflow's monitor samples the machine while the run lasts.
     """
     if resume is None:
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=dict(tags))
+        tags = context_tags(tags)
+        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
         run_id, logged = run.info.run_id, None
     else:
         run_id, logged = resume, _reopen(client, resume, journal)
     log_file = None if journal is None else Journal(journal, fresh=resume is None)
     if log_file is not None and resume is None:
         log_file.record(run=run_id, uri=client.tracking_uri, experiment=experiment, name=run_name)
-    tracker = Tracker(client, run_id, logged, log_file, on_failure)
+    tracker = Tracker(client, run_id, logged, log_file, on_failure, system_metrics)
     tracker.tags({k: v for k, v in tags.items() if resume is None or not k.startswith("mlflow.")})
     try:
         yield tracker
@@ -450,21 +486,24 @@ def main_run(
     resume: str | None = None,
     journal: Path | None = None,
     on_failure: str = "continue",
+    system_metrics: bool = False,
 ) -> Iterator[Tracker | Silent]:
     """The MLflow run of the main process (the one given a client); every other records into nothing."""
     if client is None:
         yield Silent()
         return
-    with tracked_run(client, experiment, name, tags, resume, journal, on_failure) as tracker:
+    with tracked_run(client, experiment, name, tags, resume, journal, on_failure, system_metrics) as tracker:
         yield tracker
 
 
 def log_config(tracker: Tracker | Silent, cfg: DictConfig, data: Any, output_dir: Path) -> None:
-    """The config as run, plus what the data turned out to be (sizes, classes of ``data``'s splits)."""
+    """The config as run, plus what the data turned out to be: sizes and classes of ``data``'s splits,
+    and each split as an MLflow dataset input (name, source, digest, shapes)."""
     sizes = {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes}
     if data.test is not None:
         sizes["test_images"] = len(data.test)
     tracker.params({**flatten(cfg), **flatten(sizes, "data.")})
+    tracker.inputs(data)
     tracker.text(OmegaConf.to_yaml(cfg, resolve=True), "config/resolved.yaml")
     if data.classes:
         tracker.text("\n".join(data.classes) + "\n", "data/classes.txt")
@@ -505,5 +544,5 @@ def newest_finished_run(
 def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str) -> None:
     """A FAILED run for a sweep job that stopped before its run started, so the sweep reports it."""
     client = open_store(uri)
-    run = client.create_run(experiment_id(client, experiment), tags={**tags, "clrx.failure": reason})
+    run = client.create_run(experiment_id(client, experiment), tags=context_tags({**tags, "clrx.failure": reason}))
     client.set_terminated(run.info.run_id, "FAILED")

@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.config.schema import main_process
+from clrx.config.schema import direction, main_process
 from clrx.errors import ClrxError
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ def register_sweeps() -> None:
     """
     if not OmegaConf.has_resolver("clrx_bisect"):
         OmegaConf.register_new_resolver("clrx_bisect", bisect)
+    if not OmegaConf.has_resolver("clrx_direction"):  # a sweeper's direction: the way tracking.objective is better
+        OmegaConf.register_new_resolver("clrx_direction", direction)
     store = ConfigStore.instance()
     for path in sorted(SWEEPS.glob("*.yaml")) + sorted(SWEEPS.glob("*/*.yaml")):
         group = "sweep" if path.parent == SWEEPS else f"sweep/{path.parent.name}"
@@ -50,7 +52,8 @@ class SweepRuns(Callback):
     """Parent run at the start of a multirun, summary at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store  # MLflow: when used
+        from clrx.tracking.provenance import context_tags  # MLflow: when used
+        from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store
 
         if not main_process():
             return
@@ -65,11 +68,7 @@ class SweepRuns(Callback):
         run = client.create_run(
             experiment,
             run_name=f"sweep {sweep_dir.name}",
-            tags={
-                "clrx.sweep_dir": str(sweep_dir.resolve()),
-                "clrx.overrides": overrides,
-                "mlflow.source.name": "clrx",
-            },
+            tags=context_tags({"clrx.sweep_dir": str(sweep_dir.resolve()), "clrx.overrides": overrides}),
         )
         (sweep_dir / PARENT_FILE).write_text(run.info.run_id)
         _open_parents.append((client, run.info.run_id))
@@ -84,12 +83,14 @@ class SweepRuns(Callback):
             from clrx.tracking.report import report  # figures and tables: only at a sweep's end
 
             client = open_store(config.tracking.uri or default_uri())
-            report(client, parent, sweep_dir, close=True)
+            _, best = report(client, parent, sweep_dir, close=True)
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
             print(
                 f"sweep summary: {sweep_dir}/summary.csv, summary.md, summary.png "
                 f"(also under summary/ on parent MLflow run {parent} at {client.tracking_uri})"
             )
+            if best:
+                print(best)
 
 
 def abort_open_sweeps(reason: str) -> None:

@@ -55,6 +55,7 @@ class Result:
     best_val_acc: float | None = None
     test: dict[str, float] | None = None  # the test set's scores, where one is kept apart (dataset.val_split)
     early_stop: str | None = None  # why training stopped before trainer.epochs
+    final: dict[str, float] | None = None  # training: every metric logged at the end, by name (the objectives)
     suggestions: dict[str, Suggestion] | None = None
     no_suggestion: dict[str, str] | None = None  # range test: why a rule gave nothing
     stop_reason: str | None = None  # range test: why it ended
@@ -269,6 +270,15 @@ def fit(
         if session.ema is not None:
             checkpoint.write_atomically(session.ema.module.state_dict(), output_dir / "model_ema.pt")
             tracker.tags({"clrx.model_ema_path": str(output_dir / "model_ema.pt")})
+    if cfg.tracking.log_model and accelerator.is_main_process:
+        model, example = session.exported()
+        metadata = {
+            "timm_model": cfg.model.name,
+            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "num_classes": session.data.num_classes,
+            "in_chans": session.data.in_chans,
+        }
+        tracker.model(model, example, metadata, progress.step, cfg.tracking.register_as)
     return Result(
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,
@@ -280,6 +290,7 @@ def fit(
         best_val_acc=progress.bests.get("val_acc", {}).get("value"),
         test=test,
         early_stop=progress.stopped,
+        final={**progress.scores, **totals},
     )
 
 

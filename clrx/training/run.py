@@ -154,7 +154,6 @@ def train(
         return None
     client = None if store is None else store.result()
     run_tags = {
-        "mlflow.source.name": "clrx",
         "clrx.output_dir": str(output_dir),
         "clrx.device": str(session.accelerator.device),
         **(tags or {}),
@@ -173,7 +172,8 @@ def train(
     run_tags["mlflow.runName"] = cfg.tracking.run_name or run_tags.get("mlflow.runName") or run_name(cfg, run_tags)
     journal = output_dir / JOURNAL
     names = cfg.tracking.experiment, run_tags["mlflow.runName"]
-    with main_run(client, *names, run_tags, resume_id, journal, cfg.tracking.on_failure) as tracker:
+    tracking = cfg.tracking.on_failure, cfg.tracking.system_metrics
+    with main_run(client, *names, run_tags, resume_id, journal, *tracking) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):

@@ -10,6 +10,7 @@ counts optimizer steps, so a schedule is the same on any number of processes and
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -24,7 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import TOP5_ABOVE, check_launch, check_metrics, check_trainer
@@ -174,6 +176,22 @@ class Session:
     def plain_model(self) -> torch.nn.Module:
         """The model without DDP or torch.compile wrappers: its weights load into a freshly built one."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def exported(self, examples: int = 2) -> tuple[torch.nn.Module, np.ndarray]:
+        """A copy of the trained model on the CPU in eval mode, and the first ``examples`` validation images
+        as it takes them (normalized): what a user loads and feeds.
+
+        For after training: the run's model loses Accelerate's mixed-precision wrapper of ``forward``,
+        which a copy cannot shed and which would run a user's model in reduced precision.
+        """
+        plain = self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        model = copy.deepcopy(plain).cpu().eval()
+        if isinstance(self.data.val, TensorImages):
+            images = self.data.val.images[:examples]
+        else:
+            images = default_collate([self.data.val[index] for index in range(min(examples, len(self.data.val)))])[0]
+        example = self.data.pipeline(images.cpu(), train=False).float().contiguous().numpy()
+        return model, example
 
     def state(self) -> dict[str, Any]:
         """Weights, optimizer and loss-scaler state, as they are now (not copies)."""
