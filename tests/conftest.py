@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 settings.register_profile("suite", max_examples=150)
 settings.register_profile("mutation", max_examples=30, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+os.environ["CLRX_LOG_MODEL"] = "false"  # seconds a run; the tests of the logged model turn it on
 register()
 register_sweeps()
 

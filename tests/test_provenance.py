@@ -38,7 +38,8 @@ def tracked(tmp_path_factory, empty_store):
     (repo / "mlflow.db").write_bytes(empty_store.read_bytes())
     env = {**os.environ, "CI": "true", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    args = [*QUICK, "tracking.system_metrics=true", "tracking.register_as=digits_net", "hydra.run.dir=run"]
+    records = ("tracking.log_model=true", "tracking.system_metrics=true", "tracking.register_as=digits_net")
+    args = [*QUICK, *records, "hydra.run.dir=run"]
     done = subprocess.run(
         [sys.executable, "train.py", *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600
     )
