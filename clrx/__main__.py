@@ -50,7 +50,6 @@ def slurm_processes() -> None:
 def app(cfg: DictConfig) -> float | None:
     # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
     from clrx.tracking.store import default_uri, record_failed_job
-    from clrx.training.run import train
 
     global _started
     _started = True
@@ -66,20 +65,21 @@ def app(cfg: DictConfig) -> float | None:
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))
     try:
-        check_added(hydra_cfg.overrides.task)
-        prefer_given(cfg, hydra_cfg.overrides.task)
-        with STOP.installed():
-            result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
-    except ClrxError as error:
+        result = _run(cfg, hydra_cfg, tags)
+    except Exception as error:
         if not in_sweep:
+            if not isinstance(error, ClrxError):
+                raise
             exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
-        # One failed job must not end the sweep: its run is FAILED and the summary says why.
-        log.error("job %s failed: %s", hydra_cfg.job.num, error)
-        if getattr(error, "run_id", None) is None:
-            try:
-                record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
-            except ClrxError as unusable:  # no store to report to: the sweep cannot go on
-                exit_with("clrx", str(unusable), 2)
+        # One failed job must not end the sweep: its run is FAILED, and the summary and the sweep's end say why.
+        reason = str(error) if isinstance(error, ClrxError) else f"{type(error).__name__}: {error}"
+        log.error("job %s failed: %s", hydra_cfg.job.num, reason, exc_info=not isinstance(error, ClrxError))
+        try:
+            if main_process():
+                uri = cfg.tracking.uri or default_uri()
+                record_failed_job(uri, cfg.tracking.experiment, tags, reason, getattr(error, "run_id", None))
+        except ClrxError as unusable:  # no store to report to: the sweep cannot go on
+            exit_with("clrx", str(unusable), 2)
         return None
     if result is None:  # dry run
         return None
@@ -99,6 +99,15 @@ def app(cfg: DictConfig) -> float | None:
     if result.suggestions is None:
         return result.val_acc
     return result.suggestions[cfg.policy.rule].max_lr if cfg.policy.rule in result.suggestions else None
+
+
+def _run(cfg: DictConfig, hydra_cfg: DictConfig, tags: dict[str, str]) -> Result | None:
+    from clrx.training.run import train
+
+    check_added(hydra_cfg.overrides.task)
+    prefer_given(cfg, hydra_cfg.overrides.task)
+    with STOP.installed():
+        return train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
 
 
 def job_name(num: int, overrides: list[str], limit: int = 80) -> str:
@@ -147,7 +156,7 @@ def _report_range_test(result: Result, node: DictConfig) -> None:
 
 
 def main() -> None:
-    """Run the app; a bad config ends as one line on stderr and exit status 2 (1: the run diverged)."""
+    """Run the app; a bad config ends as one line on stderr and exit status 2 (1: a run diverged, sweep jobs failed)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         app()
         return
@@ -166,6 +175,11 @@ def main() -> None:
         where = "hydra.sweep.dir" if "-m" in sys.argv or "--multirun" in sys.argv else "hydra.run.dir"
         problem = f"cannot create or write {error.filename}: {error.strerror}; choose a folder clrx can write"
         exit_with("clrx", f"{where}: {problem}", 2)
+    except Exception as error:  # a launcher lost a job (submitit: it ended without a result)
+        message = one_line(error)
+        if not abort_open_sweeps(message):
+            raise
+        exit_with("clrx", f"sweep: {message}", 1)
     except KeyboardInterrupt:  # Ctrl-C before a run's signal handlers were installed
         _stopped(Stopped(signal.SIGINT))
     except Stopped as stopped:

@@ -17,9 +17,9 @@ from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_ser
 STEPS_PER_EPOCH = 1437 // 64
 
 
-def _sweep_run(tmp_path, *args):
+def _sweep_run(tmp_path, *args, status=0):
     done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
     return done
 
 
@@ -65,9 +65,9 @@ def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tm
 
 def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
     uri, client = store
-    sweep_dir = _sweep(
-        tmp_path, "hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5"
-    )
+    args = ("hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5")
+    done = _sweep_run(tmp_path, *args, status=1)  # every job ran; the sweep's end names the one that failed
+    sweep_dir = tmp_path / "sweep"
     parent, children = _family(client, sweep_dir)
     statuses = {child.data.tags["clrx.overrides"].split()[1]: child.info.status for child in children}
     assert statuses == {
@@ -87,15 +87,23 @@ def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(
         (float(r["best_val_acc"]) for r in rows[:3]), reverse=True
     )
     assert "loss became" in rows[3]["failure"] and parent.info.status == "FINISHED"
+    failure = children[3].data.tags["clrx.failure"]
+    assert done.stderr.splitlines() == [
+        f"clrx: error: 1 of 4 sweep jobs failed: job 3 (policy.lr=1000000.0): {failure}"
+    ]
 
 
 def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, store):
     uri, client = store
-    done = _sweep_run(tmp_path, "policy.base_lr=0.01,0.9")
+    done = _sweep_run(tmp_path, "policy.base_lr=0.01,0.9", status=1)
     sweep_dir = tmp_path / "sweep"
     parent, children = _family(client, sweep_dir)
     assert [child.info.status for child in children] == ["FINISHED", "FAILED"]
-    assert "policy.base_lr: must be below max_lr" in children[1].data.tags["clrx.failure"]
+    assert children[1].data.tags["clrx.failure"] == "policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
+    assert done.stderr.splitlines() == [
+        "clrx: error: 1 of 2 sweep jobs failed: job 1 (policy.base_lr=0.9): "
+        "policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
+    ]
     # Named by what each job changed; what the sweep did is printed, with where its summary went.
     assert [child.info.run_name for child in children] == [
         "job 0: base_lr=0.01 epochs=1",
@@ -106,6 +114,25 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
     assert f"{summary} {parent.info.run_id} at {uri})" in done.stdout
     assert "clrx.range_test" not in children[0].data.tags  # no range test behind this run
     assert client.get_experiment_by_name("clrx").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_jobs_that_raise_fail_their_runs_and_the_sweep_in_one_line(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+
+    def crash(cfg, output_dir, tags):
+        raise RuntimeError(f"no luck with weight decay {cfg.optimizer.weight_decay}")
+
+    monkeypatch.setattr("clrx.training.run.train", crash)
+    args = ("-m", "optimizer.weight_decay=0,1e-3", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep")
+    status, stderr = main_in_process(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 1 and stderr.splitlines() == [
+        "clrx: error: 2 of 2 sweep jobs failed: "
+        "job 0 (optimizer.weight_decay=0): RuntimeError: no luck with weight decay 0; "
+        "job 1 (optimizer.weight_decay=0.001): RuntimeError: no luck with weight decay 0.001"
+    ], stderr
+    parent, children = _family(client, tmp_path / "sweep")
+    assert parent.info.status == "FAILED" and [child.info.status for child in children] == ["FAILED", "FAILED"]
+    assert children[0].data.tags["clrx.failure"] == "RuntimeError: no luck with weight decay 0"
 
 
 def test_job_names_say_what_the_job_changed():
