@@ -23,7 +23,7 @@ from clrx.config.schema import CONF, check_added, main_process, prefer_given, re
 from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
-from clrx.training.stop import STOP
+from clrx.training import stop
 
 if TYPE_CHECKING:
     from clrx.training.loop import Result
@@ -102,12 +102,29 @@ def app(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig, hydra_cfg: DictConfig, tags: dict[str, str]) -> Result | None:
+    """The job's run. Under submitit it resumes by default, and a stopped job goes to submitit's handlers,
+    which requeue it (the requeued job continues the same run from its newest checkpoint)."""
     from clrx.training.run import train
 
     check_added(hydra_cfg.overrides.task)
     prefer_given(cfg, hydra_cfg.overrides.task)
-    with STOP.installed():
-        return train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
+    submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    if submitit and cfg.trainer.resume is None:
+        cfg.trainer.resume = "auto"
+    try:  # stop.STOP, not a copy: submitit's launcher pickles this module's functions by value
+        with stop.STOP.installed():
+            return train(cfg, Path(hydra_cfg.runtime.output_dir), tags)
+    except Stopped as stopped:
+        if not submitit:
+            raise
+        log.warning("%s", stopped.message())
+        try:
+            stop.STOP.pass_on()  # requeued: submitit exits
+        except Exception as refused:  # submitit will not requeue it (timed out too many times)
+            failed = ClrxError(f"{stopped}; {one_line(refused)}")
+            failed.run_id = getattr(stopped, "run_id", None)
+            raise failed from None
+        _stopped(stopped)  # preempted: SLURM requeues the job, or it ends here
 
 
 def job_name(num: int, overrides: list[str], limit: int = 80) -> str:

@@ -430,6 +430,7 @@ def tracked_run(
         yield tracker
     except Stopped as stopped:
         tracker.finish("KILLED", str(stopped))
+        stopped.run_id = tracker.run_id  # the run a job under submitit fails if it is not requeued
         raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted")
