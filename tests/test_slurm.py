@@ -9,14 +9,13 @@ import sys
 import time
 
 import pytest
-from mlflow.entities import ViewType
 
-from clrx.tracking.store import PARENT_FILE
 from clrx.training import checkpoint
+from tests.conftest import sweep_family
 from tests.helpers import slurm
 
 STEPS = 2 * (1437 // 64)
-# timeout_min=1: submitit counts any SIGUSR2 as the time limit (it runs past 80% of the minute's allowance).
+# timeout_min=1: submitit takes any SIGUSR2 for the time limit (it expects one after min(80%, limit - 10 min)).
 ARGS = (
     "hydra/launcher=slurm",
     "hydra.launcher.timeout_min=1",
@@ -27,13 +26,6 @@ ARGS = (
     "trainer.device=cpu",
     "trainer.save_model=false",
 )
-
-
-def _family(client, sweep_dir):
-    parent = (sweep_dir / PARENT_FILE).read_text().strip()
-    experiment = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
-    return client.get_run(parent), runs
 
 
 def _steps(client, run_id, key):
@@ -98,7 +90,7 @@ def test_a_requeued_job_resumes_its_run_and_finishes_it_with_every_step(tmp_path
     run_dir = tmp_path / "sweep" / "0"
     step = _stopped_at(signame, logs, run_dir)
 
-    parent, [child] = _family(client, tmp_path / "sweep")  # one child: the requeued job continued it
+    parent, [child] = sweep_family(client, tmp_path / "sweep")  # one child: the requeued job continued it
     assert parent.info.status == child.info.status == "FINISHED"
     assert "clrx.failure" not in child.data.tags and child.data.params["trainer.resume"] == "auto"
     newest = run_dir / checkpoint.DIRECTORY / f"step-{step:08d}.pt"
@@ -116,7 +108,7 @@ def test_a_job_timed_out_too_often_fails_its_run_and_the_sweep_in_one_line(tmp_p
     lines = stderr.strip().splitlines()
     assert status == 1 and len(lines) == 1 and slurm.runs(folder, job) == 1, stderr + logs
     step = _stopped_at("SIGUSR2", logs, tmp_path / "sweep" / "0")
-    parent, [child] = _family(client, tmp_path / "sweep")
+    parent, [child] = sweep_family(client, tmp_path / "sweep")
     assert parent.info.status == child.info.status == "FAILED"
     reason = f"stopped by SIGUSR2 at step {step}; Job not requeued because: timed-out too many times."
     assert child.data.tags["clrx.failure"] == reason

@@ -3,7 +3,6 @@
 import csv
 
 import pytest
-from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -11,8 +10,7 @@ from clrx.__main__ import job_name
 from clrx.config.schema import compose_run
 from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
-from clrx.tracking.store import PARENT_FILE
-from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server
+from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server, sweep_family
 
 STEPS_PER_EPOCH = 1437 // 64
 
@@ -28,13 +26,6 @@ def _sweep(tmp_path, *args):
     return tmp_path / "sweep"
 
 
-def _family(client, sweep_dir):
-    parent = (sweep_dir / PARENT_FILE).read_text().strip()
-    experiment = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
-    return client.get_run(parent), sorted(runs, key=lambda r: int(r.data.tags["clrx.job"]))
-
-
 def _summary(sweep_dir):
     with (sweep_dir / "summary.csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -43,7 +34,7 @@ def _summary(sweep_dir):
 def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tmp_path, store):
     uri, client = store  # the default store of the folder the sweep runs in
     sweep_dir = _sweep(tmp_path, "+sweep=wd_range_test", "policy.num_iter=30")
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert parent.info.status == "FINISHED" and len(children) == 4
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["clrx.policy"] == "range_test"
@@ -68,7 +59,7 @@ def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(
     args = ("hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5")
     done = _sweep_run(tmp_path, *args, status=1)  # every job ran; the sweep's end names the one that failed
     sweep_dir = tmp_path / "sweep"
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     statuses = {child.data.tags["clrx.overrides"].split()[1]: child.info.status for child in children}
     assert statuses == {
         "policy.lr=0.02": "FINISHED",
@@ -97,7 +88,7 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
     uri, client = store
     done = _sweep_run(tmp_path, "policy.base_lr=0.01,0.9", status=1)
     sweep_dir = tmp_path / "sweep"
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert [child.info.status for child in children] == ["FINISHED", "FAILED"]
     assert children[1].data.tags["clrx.failure"] == "policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
     assert done.stderr.splitlines() == [
@@ -130,7 +121,7 @@ def test_jobs_that_raise_fail_their_runs_and_the_sweep_in_one_line(tmp_path, sto
         "job 0 (optimizer.weight_decay=0): RuntimeError: no luck with weight decay 0; "
         "job 1 (optimizer.weight_decay=0.001): RuntimeError: no luck with weight decay 0.001"
     ], stderr
-    parent, children = _family(client, tmp_path / "sweep")
+    parent, children = sweep_family(client, tmp_path / "sweep")
     assert parent.info.status == "FAILED" and [child.info.status for child in children] == ["FAILED", "FAILED"]
     assert children[0].data.tags["clrx.failure"] == "RuntimeError: no luck with weight decay 0"
 
@@ -179,7 +170,7 @@ def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
     """The remaining sweeps in sweeps/, at one epoch a job (wd_range_test has its own test above)."""
     uri, client = store
     sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30", "trainer.log_every=22")
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
     assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"
     if sweep != "wd_bisect":  # training sweeps: bounds from the range test, linked from every child
@@ -241,7 +232,7 @@ def test_parallel_jobs_against_a_local_mlflow_server_lose_nothing(tmp_path, mlfl
     sweep_dir = _sweep(
         tmp_path, "hydra/launcher=parallel", "optimizer.weight_decay=1e-3,1e-4,0", f"tracking.uri={mlflow_server}"
     )
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 3
     for child in children:
         for key in ("lr", "momentum", "train_loss"):
