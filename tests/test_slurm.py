@@ -85,6 +85,7 @@ def test_a_requeued_job_resumes_its_run_and_finishes_it_with_every_step(tmp_path
     status, stderr, job, folder, logs = _interrupted_sweep(tmp_path, interrupt)
     assert status == 0 and stderr == "", stderr + logs
     assert slurm.runs(folder, job) == 2, logs
+    assert "#SBATCH --signal=USR2@180\n" in (folder / "jobs" / job / "script.sh").read_text()  # time to checkpoint
     requeued_by_submitit = f"Requeued job {job} (2 remaining timeouts)" in logs  # a time limit counts, once
     assert requeued_by_submitit == (signame == "SIGUSR2"), logs
     run_dir = tmp_path / "sweep" / "0"
