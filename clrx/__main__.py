@@ -25,7 +25,7 @@ from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_
 from clrx.range_test.suggest import bounds
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
-from clrx.training.stop import STOP
+from clrx.training import stop
 
 if TYPE_CHECKING:
     from clrx.training.loop import Result
@@ -69,26 +69,23 @@ def app(cfg: DictConfig) -> float:
     if in_sweep:
         tags.update(_job_tags(hydra_cfg))
     try:
-        check_added(hydra_cfg.overrides.task)
-        prefer_given(cfg, hydra_cfg.overrides.task)
-        store = open_in_background(cfg)  # while torch, timm and the data load
-        # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
-        from clrx.training.run import train
-
-        with STOP.installed():
-            result = train(cfg, Path(hydra_cfg.runtime.output_dir), tags, store)
-    except ClrxError as error:
+        result = _run(cfg, hydra_cfg, tags)
+    except Exception as error:
         if not in_sweep:
+            if not isinstance(error, ClrxError):
+                raise
             exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
-        # One failed job must not end the sweep: its run is FAILED and the summary says why.
-        log.error("job %s failed: %s", hydra_cfg.job.num, error)
-        if getattr(error, "run_id", None) is None:
-            from clrx.tracking.store import default_uri, record_failed_job
+        # One failed job must not end the sweep: its run is FAILED, and the summary and the sweep's end say why.
+        reason = str(error) if isinstance(error, ClrxError) else f"{type(error).__name__}: {error}"
+        log.error("job %s failed: %s", hydra_cfg.job.num, reason, exc_info=not isinstance(error, ClrxError))
+        from clrx.tracking.store import default_uri, record_failed_job
 
-            try:
-                record_failed_job(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, tags, str(error))
-            except ClrxError as unusable:  # no store to report to: the sweep cannot go on
-                exit_with("clrx", str(unusable), 2)
+        try:
+            if main_process():
+                uri = cfg.tracking.uri or default_uri()
+                record_failed_job(uri, cfg.tracking.experiment, tags, reason, getattr(error, "run_id", None))
+        except ClrxError as unusable:  # no store to report to: the sweep cannot go on
+            exit_with("clrx", str(unusable), 2)
         return worst(cfg.tracking.objective)
     if result is None:  # dry run
         return math.nan
@@ -111,6 +108,34 @@ def app(cfg: DictConfig) -> float:
         return math.nan
     score = result.final[cfg.tracking.objective]
     return score if math.isfinite(score) else worst(cfg.tracking.objective)
+
+
+def _run(cfg: DictConfig, hydra_cfg: DictConfig, tags: dict[str, str]) -> Result | None:
+    """The job's run. Under submitit it resumes by default, and a stopped job goes to submitit's handlers,
+    which requeue it (the requeued job continues the same run from its newest checkpoint)."""
+    check_added(hydra_cfg.overrides.task)
+    prefer_given(cfg, hydra_cfg.overrides.task)
+    submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    if submitit and cfg.trainer.resume is None:
+        cfg.trainer.resume = "auto"
+    store = open_in_background(cfg)  # while torch, timm and the data load
+    # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
+    from clrx.training.run import train
+
+    try:  # stop.STOP, not a copy: submitit's launcher pickles this module's functions by value
+        with stop.STOP.installed():
+            return train(cfg, Path(hydra_cfg.runtime.output_dir), tags, store)
+    except Stopped as stopped:
+        if not submitit:
+            raise
+        log.warning("%s", stopped.message())
+        try:
+            stop.STOP.pass_on()  # requeued: submitit exits
+        except Exception as refused:  # submitit will not requeue it (timed out too many times)
+            failed = ClrxError(f"{stopped}; {one_line(refused)}")
+            failed.run_id = getattr(stopped, "run_id", None)
+            raise failed from None
+        _stopped(stopped)  # preempted: SLURM requeues the job, or it ends here
 
 
 def job_name(num: int, overrides: list[str], limit: int = 80) -> str:
@@ -159,7 +184,7 @@ def _report_range_test(result: Result, node: DictConfig) -> None:
 
 
 def main() -> None:
-    """Run the app; a bad config ends as one line on stderr and exit status 2 (1: the run diverged)."""
+    """Run the app; a bad config ends as one line on stderr and exit status 2 (1: a run diverged, sweep jobs failed)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         app()
         return
@@ -178,6 +203,11 @@ def main() -> None:
         where = "hydra.sweep.dir" if "-m" in sys.argv or "--multirun" in sys.argv else "hydra.run.dir"
         problem = f"cannot create or write {error.filename}: {error.strerror}; choose a folder clrx can write"
         exit_with("clrx", f"{where}: {problem}", 2)
+    except Exception as error:  # a launcher lost a job (submitit: it ended without a result)
+        message = one_line(error)
+        if not abort_open_sweeps(message):
+            raise
+        exit_with("clrx", f"sweep: {message}", 1)
     except KeyboardInterrupt:  # Ctrl-C before a run's signal handlers were installed
         _stopped(Stopped(signal.SIGINT))
     except Stopped as stopped:

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from clrx.__main__ import main as clrx_main
 from clrx.config.schema import register
+from clrx.tracking.store import PARENT_FILE
 from clrx.tracking.sweep import register_sweeps
 from tests.datafiles import write_all
 
@@ -61,6 +63,14 @@ def main_in_process(*args: str, monkeypatch, capsys) -> tuple[int, str]:
     except SystemExit as exited:
         status = exited.code
     return status, capsys.readouterr().err
+
+
+def sweep_family(client: MlflowClient, sweep_dir: Path) -> tuple:
+    """A sweep's parent run and its children in job order, found through the sweep folder."""
+    parent = (sweep_dir / PARENT_FILE).read_text().strip()
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
+    return client.get_run(parent), sorted(runs, key=lambda r: int(r.data.tags["clrx.job"]))
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

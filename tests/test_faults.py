@@ -11,9 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from clrx.config.schema import compose_run
+from clrx.errors import Stopped
 from clrx.sync import main as sync_main
 from clrx.training import checkpoint
 from clrx.training.run import train
+from clrx.training.stop import STOP
 from tests.conftest import free_port, main_in_process, start_mlflow_server
 
 TINY = ("trainer.epochs=1", "dataset.limit_train=128", "dataset.limit_val=64", "trainer.save_model=false")
@@ -109,6 +111,27 @@ def test_a_stopped_run_says_so_in_one_line_ends_killed_and_resumes_exactly(
     assert resumed.info.status == "FINISHED" and "clrx.failure" not in resumed.data.tags
     for key in ("lr", "momentum", "train_loss", "val_acc", "val_loss", "train_loss_epoch"):
         assert _points(client, stopped.info.run_id, key) == _points(client, reference.run_id, key), key
+
+
+def test_signals_in_training_are_one_request_to_stop_then_go_to_the_handlers_they_had():
+    """SLURM may send SIGTERM and its --signal together: the step still finishes; submitit's handlers come after."""
+    seen = []
+    before = {
+        number: signal.signal(number, lambda signum, frame: seen.append(signum))
+        for number in (signal.SIGTERM, signal.SIGUSR2)
+    }
+    try:
+        with STOP.installed(), STOP.deferred():
+            for number in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+                signal.raise_signal(number)
+            assert STOP.signum == signal.SIGTERM and seen == []
+            with pytest.raises(Stopped):  # the same signal again: stop now
+                signal.raise_signal(signal.SIGINT)
+        STOP.pass_on()  # Python's own SIGINT handler, which would raise KeyboardInterrupt, is left out
+        assert seen == [signal.SIGTERM, signal.SIGUSR2]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def test_a_store_locked_mid_run_misses_nothing_once_it_answers_and_the_run_copies_to_another_store(tmp_path, store):

@@ -3,7 +3,6 @@
 import csv
 
 import pytest
-from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -11,28 +10,20 @@ from clrx.__main__ import job_name
 from clrx.config.schema import compose_run
 from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
-from clrx.tracking.store import PARENT_FILE
-from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server
+from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server, sweep_family
 
 STEPS_PER_EPOCH = 1438 // 64
 
 
-def _sweep_run(tmp_path, *args):
+def _sweep_run(tmp_path, *args, status=0):
     done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == status, done.stderr[-3000:]
     return done
 
 
 def _sweep(tmp_path, *args):
     _sweep_run(tmp_path, *args)
     return tmp_path / "sweep"
-
-
-def _family(client, sweep_dir):
-    parent = (sweep_dir / PARENT_FILE).read_text().strip()
-    experiment = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", run_view_type=ViewType.ALL)
-    return client.get_run(parent), sorted(runs, key=lambda r: int(r.data.tags["clrx.job"]))
 
 
 def _summary(sweep_dir):
@@ -43,7 +34,7 @@ def _summary(sweep_dir):
 def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tmp_path, store):
     uri, client = store  # the default store of the folder the sweep runs in
     sweep_dir = _sweep(tmp_path, "+sweep=wd_range_test", "policy.num_iter=30")
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert parent.info.status == "FINISHED" and len(children) == 4
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["clrx.policy"] == "range_test"
@@ -65,10 +56,10 @@ def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tm
 
 def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
     uri, client = store
-    sweep_dir = _sweep(
-        tmp_path, "hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5"
-    )
-    parent, children = _family(client, sweep_dir)
+    args = ("hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5")
+    done = _sweep_run(tmp_path, *args)  # every job ran; the sweep's end names the one that failed
+    sweep_dir = tmp_path / "sweep"
+    parent, children = sweep_family(client, sweep_dir)
     statuses = {child.data.tags["clrx.overrides"].split()[1]: child.info.status for child in children}
     assert statuses == {
         "policy.lr=0.02": "FINISHED",
@@ -87,15 +78,21 @@ def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(
         (float(r["best_val_acc"]) for r in rows[:3]), reverse=True
     )
     assert "loss became" in rows[3]["failure"] and parent.info.status == "FINISHED"
+    failure = children[3].data.tags["clrx.failure"]
+    assert done.stderr.splitlines() == [f"clrx: 1 of 4 sweep jobs failed: job 3 (policy.lr=1000000.0): {failure}"]
 
 
 def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, store):
     uri, client = store
     done = _sweep_run(tmp_path, "policy.base_lr=0.01,0.9")
     sweep_dir = tmp_path / "sweep"
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert [child.info.status for child in children] == ["FINISHED", "FAILED"]
-    assert "policy.base_lr: must be below max_lr" in children[1].data.tags["clrx.failure"]
+    assert children[1].data.tags["clrx.failure"] == "policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
+    assert done.stderr.splitlines() == [
+        "clrx: 1 of 2 sweep jobs failed: job 1 (policy.base_lr=0.9): "
+        "policy.base_lr: must be below max_lr, got 0.9 >= 0.5"
+    ]
     # Named by what each job changed; what the sweep did is printed, with where its summary went.
     assert [child.info.run_name for child in children] == [
         "job 0: base_lr=0.01 epochs=1",
@@ -122,7 +119,7 @@ def test_an_optuna_search_ranks_a_diverging_trial_last_and_names_the_best(tmp_pa
         "tracking.log_model=false",
     )
     sweep_dir = tmp_path / "sweep"
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert parent.info.status == "FINISHED" and len(children) == 4
     diverged = [child for child in children if child.data.params["policy.max_lr"] == "1000000.0"]
     trained = [child for child in children if child not in diverged]
@@ -145,6 +142,25 @@ def test_an_optuna_search_ranks_a_diverging_trial_last_and_names_the_best(tmp_pa
     optuna = OmegaConf.load(sweep_dir / "optimization_results.yaml")  # Optuna's own pick agrees
     assert optuna.best_value == best_value
     assert optuna.best_params["policy.max_lr"] == float(named.data.params["policy.max_lr"])
+
+
+def test_jobs_that_raise_fail_their_runs_and_the_sweep_in_one_line(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+
+    def crash(cfg, *_):
+        raise RuntimeError(f"no luck with weight decay {cfg.optimizer.weight_decay}")
+
+    monkeypatch.setattr("clrx.training.run.train", crash)
+    args = ("-m", "optimizer.weight_decay=0,1e-3", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep")
+    status, stderr = main_in_process(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 1 and stderr.splitlines() == [
+        "clrx: error: 2 of 2 sweep jobs failed: "
+        "job 0 (optimizer.weight_decay=0): RuntimeError: no luck with weight decay 0; "
+        "job 1 (optimizer.weight_decay=0.001): RuntimeError: no luck with weight decay 0.001"
+    ], stderr
+    parent, children = sweep_family(client, tmp_path / "sweep")
+    assert parent.info.status == "FAILED" and [child.info.status for child in children] == ["FAILED", "FAILED"]
+    assert children[0].data.tags["clrx.failure"] == "RuntimeError: no luck with weight decay 0"
 
 
 def test_job_names_say_what_the_job_changed():
@@ -208,7 +224,7 @@ def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
     """The remaining sweeps in sweeps/, at one epoch a job (wd_range_test has its own test above)."""
     uri, client = store
     sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30", "trainer.log_every=22")
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
     assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"
     if sweep in ("clr_vs_fixed", "one_cycle_grid"):  # bounds from the range test, linked from every child
@@ -277,7 +293,7 @@ def test_parallel_jobs_against_a_local_mlflow_server_lose_nothing(tmp_path, mlfl
     sweep_dir = _sweep(
         tmp_path, "hydra/launcher=parallel", "optimizer.weight_decay=1e-3,1e-4,0", f"tracking.uri={mlflow_server}"
     )
-    parent, children = _family(client, sweep_dir)
+    parent, children = sweep_family(client, sweep_dir)
     assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 3
     for child in children:
         for key in ("lr", "momentum", "train_loss"):

@@ -466,6 +466,7 @@ def tracked_run(
         yield tracker
     except Stopped as stopped:
         tracker.finish("KILLED", str(stopped))
+        stopped.run_id = tracker.run_id  # the run a job under submitit fails if it is not requeued
         raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted")
@@ -541,8 +542,13 @@ def newest_finished_run(
     return runs[0].info.run_id, runs[0].data.tags, started
 
 
-def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str) -> None:
-    """A FAILED run for a sweep job that stopped before its run started, so the sweep reports it."""
+def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str, run_id: str | None) -> None:
+    """End a failed sweep job's run FAILED with ``reason`` (unless it is already), or for a job that
+    stopped before its run started create one, so the sweep reports it."""
     client = open_store(uri)
-    run = client.create_run(experiment_id(client, experiment), tags=context_tags({**tags, "clrx.failure": reason}))
-    client.set_terminated(run.info.run_id, "FAILED")
+    if run_id is None:
+        run_id = client.create_run(experiment_id(client, experiment), tags=context_tags(tags)).info.run_id
+    elif client.get_run(run_id).info.status == "FAILED":
+        return
+    client.set_tag(run_id, "clrx.failure", reason[:PARAM_VALUE_LIMIT])
+    client.set_terminated(run_id, "FAILED")

@@ -8,6 +8,7 @@ the summary to the parent.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.schema import direction, main_process
-from clrx.errors import ClrxError
+from clrx.errors import ClrxError, exit_with
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -83,7 +84,7 @@ class SweepRuns(Callback):
             from clrx.tracking.report import report  # figures and tables: only at a sweep's end
 
             client = open_store(config.tracking.uri or default_uri())
-            _, best = report(client, parent, sweep_dir, close=True)
+            table, best = report(client, parent, sweep_dir, close=True)
             _open_parents[:] = [(client, run) for client, run in _open_parents if run != parent]
             print(
                 f"sweep summary: {sweep_dir}/summary.csv, summary.md, summary.png "
@@ -91,11 +92,27 @@ class SweepRuns(Callback):
             )
             if best:
                 print(best)
+            failed = [_failure(row, len(table) > 1) for row in table if row["status"] != "FINISHED"]
+            said = f"{len(failed)} of {len(table)} sweep jobs failed: {'; '.join(failed)}"
+            if failed and len(failed) == len(table):  # Hydra turns a callback's exceptions into warnings: end here
+                exit_with("clrx", said, 1)
+            if failed:  # a search goes on past diverging or refused jobs: they are ranked last, and named
+                print(f"clrx: {said}", file=sys.stderr)
 
 
-def abort_open_sweeps(reason: str) -> None:
-    """Close FAILED, with the reason, every parent run of a sweep that stopped before its end."""
+def _failure(row: dict[str, object], several: bool) -> str:
+    """``job 3 (policy.lr=10): loss became nan at step 12``: a failed job of a summary, on one line, with what
+    it swept if the sweep had several jobs (a lone job's "swept" is every override)."""
+    swept = f" ({row['swept']})" if several and row["swept"] else ""
+    reason = str(row.get("failure") or row["status"]).splitlines()[0]
+    return f"job {row['job']}{swept}: {reason if len(reason) <= 160 else reason[:157] + '...'}"
+
+
+def abort_open_sweeps(reason: str) -> bool:
+    """Close FAILED, with the reason, every parent run of a sweep that stopped before its end; whether there was one."""
+    aborted = bool(_open_parents)
     while _open_parents:
         client, run_id = _open_parents.pop()
         client.set_tag(run_id, "clrx.failure", reason)
         client.set_terminated(run_id, "FAILED")
+    return aborted
