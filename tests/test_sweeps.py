@@ -14,11 +14,13 @@ from clrx.tracking.report import overlay
 from clrx.tracking.store import PARENT_FILE
 from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server
 
-STEPS_PER_EPOCH = 1437 // 64
+# Every job trains one epoch of 4 steps on a fixed subset of digits: what a sweep does does not depend on the data.
+SUBSET = ("trainer.epochs=1", "dataset.limit_train=256", "dataset.limit_val=64")
+STEPS_PER_EPOCH = 256 // 64
 
 
 def _sweep_run(tmp_path, *args):
-    done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    done = run_cli("-m", *args, *SUBSET, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -66,7 +68,7 @@ def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tm
 def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
     uri, client = store
     sweep_dir = _sweep(
-        tmp_path, "hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5"
+        tmp_path, "hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=2"
     )
     parent, children = _family(client, sweep_dir)
     statuses = {child.data.tags["clrx.overrides"].split()[1]: child.info.status for child in children}
@@ -98,8 +100,8 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
     assert "policy.base_lr: must be below max_lr" in children[1].data.tags["clrx.failure"]
     # Named by what each job changed; what the sweep did is printed, with where its summary went.
     assert [child.info.run_name for child in children] == [
-        "job 0: base_lr=0.01 epochs=1",
-        "job 1: base_lr=0.9 epochs=1",
+        "job 0: base_lr=0.01 epochs=1 limit_train=256 limit_val=64",
+        "job 1: base_lr=0.9 epochs=1 limit_train=256 limit_val=64",
     ]
     assert f"sweep folder sweep, parent MLflow run {parent.info.run_id}\n" in done.stdout
     summary = "sweep summary: sweep/summary.csv, summary.md, summary.png (also under summary/ on parent MLflow run"
@@ -143,7 +145,7 @@ def test_launcher_configs_compose(launcher, target):
 @pytest.mark.parametrize(
     "sweep, jobs, extra",
     [
-        ("wd_bisect", 3, ["wd=1e-3"]),
+        ("wd_bisect", 3, ["wd=1e-3", "policy.num_iter=30"]),
         ("clr_vs_fixed", 6, []),
         ("one_cycle_grid", 12, []),
     ],
@@ -151,7 +153,7 @@ def test_launcher_configs_compose(launcher, target):
 def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
     """The remaining sweeps in sweeps/, at one epoch a job (wd_range_test has its own test above)."""
     uri, client = store
-    sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30", "trainer.log_every=22")
+    sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30")
     parent, children = _family(client, sweep_dir)
     assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
     assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"
