@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 run: install ## train one-cycle on the digits default (more overrides: make run ARGS="trainer.epochs=20")
 	$(PY) -m clrx policy=one_cycle $(ARGS)
 
-test: install ## run the test suite
-	$(PY) -m pytest
+test: install ## run the test suite, one pytest-xdist worker per core
+	$(PY) -m pytest -n auto --dist worksteal
 
 # The pure logic: policies, the range test's curve and rules, the recorder, the trainer checks, the tracker's buffer.
 MUTANTS ?= 'clrx.schedules.policies.*' 'clrx.range_test.curve.*' 'clrx.range_test.suggest.*' 'clrx.training.recorder.*' \

@@ -21,6 +21,11 @@ from clrx.tracking.sweep import register_sweeps
 from tests.datafiles import write_all
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test` runs the suite on pytest-xdist workers that share the cores: each worker, and every process it
+# starts, takes its share of threads (read by torch at import), or the threads of one worker's step wait on another's.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 # Drawn cases per property; `make mutate` runs the same properties on fewer, fixed draws per mutant.
 settings.register_profile("suite", max_examples=150)
 settings.register_profile("mutation", max_examples=30, derandomize=True)

@@ -26,8 +26,9 @@ def test_the_hand_written_reference_learns_and_follows_the_one_cycle_schedule():
 
 def test_bench_writes_every_figure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["--block", "2", "--repeats", "2", "--runs", "1", "--out", str(tmp_path / "bench.json")]
-    main([*args, "trainer.batch_size=32", "trainer.epochs=1"])
+    args = ["--block", "2", "--repeats", "2", "--runs", "1", "--log-steps", "200"]
+    args += ["--out", str(tmp_path / "bench.json")]
+    main([*args, "trainer.batch_size=32", "trainer.epochs=1", "dataset.limit_train=128", "dataset.limit_val=64"])
     figures = json.loads((tmp_path / "bench.json").read_text())
     for key in (
         "step_reference_ms",

@@ -8,12 +8,13 @@ from clrx.studies.reproduce import HAND_PICKED, POLICIES, UNRESOLVED, WEIGHT_DEC
 def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     uri, client = store
     out = tmp_path / "out"
-    # One seed and one (diverging) hand-picked bound: the verdicts themselves are unit-tested below.
-    main(["--seeds", "1", "--epochs", "2", "--max-lrs", "1e6", "--out", str(out), f"tracking.uri={uri}"])
+    # One seed, one (diverging) hand-picked bound, 4 steps an epoch: the verdicts themselves are unit-tested below.
+    args = ["--seeds", "1", "--epochs", "2", "--max-lrs", "1e6", "--out", str(out), f"tracking.uri={uri}"]
+    main([*args, "dataset.limit_train=256", "dataset.limit_val=64", "range_test.num_iter=30"])
     text = (out / "reproduce.md").read_text()
     assert text.count("\n## ") == 4 and (out / "reproduce.png").stat().st_size > 0
     for name in POLICIES:
-        assert f"| {name} | 2 | 44 |" in text and f"| {name} | 1 | 22 |" in text
+        assert f"| {name} | 2 | 8 |" in text and f"| {name} | 1 | 4 |" in text
     assert "seeds reached it)" in text
     assert "| hand-picked 1e+06 | 1e+06 | 0.0000 ± 0.0000 (1 diverged) |" in text  # a result, not a crash
     assert all(f"| {decay} |" in text for decay in WEIGHT_DECAYS)

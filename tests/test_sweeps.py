@@ -12,11 +12,13 @@ from clrx.tracking.report import main as report_main
 from clrx.tracking.report import overlay
 from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server, sweep_family
 
-STEPS_PER_EPOCH = 1438 // 64
+# Every job trains one epoch of 4 steps on a fixed subset of digits: what a sweep does does not depend on the data.
+SUBSET = ("trainer.epochs=1", "dataset.limit_train=256", "dataset.limit_val=64")
+STEPS_PER_EPOCH = 256 // 64
 
 
 def _sweep_run(tmp_path, *args, status=0):
-    done = run_cli("-m", *args, "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    done = run_cli("-m", *args, *SUBSET, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert done.returncode == status, done.stderr[-3000:]
     return done
 
@@ -56,7 +58,7 @@ def test_weight_decay_range_tests_are_children_of_one_parent_with_the_overlay(tm
 
 def test_parallel_jobs_on_sqlite_lose_nothing_and_a_diverging_child_fails_alone(tmp_path, store):
     uri, client = store
-    args = ("hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=5")
+    args = ("hydra/launcher=parallel", "policy=fixed", "policy.lr=0.02,0.05,0.1,1000000.0", "trainer.log_every=2")
     done = _sweep_run(tmp_path, *args)  # every job ran; the sweep's end names the one that failed
     sweep_dir = tmp_path / "sweep"
     parent, children = sweep_family(client, sweep_dir)
@@ -95,8 +97,8 @@ def test_a_job_with_a_bad_value_is_reported_failed_and_the_rest_run(tmp_path, st
     ]
     # Named by what each job changed; what the sweep did is printed, with where its summary went.
     assert [child.info.run_name for child in children] == [
-        "job 0: base_lr=0.01 epochs=1",
-        "job 1: base_lr=0.9 epochs=1",
+        "job 0: base_lr=0.01 epochs=1 limit_train=256 limit_val=64",
+        "job 1: base_lr=0.9 epochs=1 limit_train=256 limit_val=64",
     ]
     assert f"sweep folder sweep, parent MLflow run {parent.info.run_id}\n" in done.stdout
     summary = "sweep summary: sweep/summary.csv, summary.md, summary.png (also under summary/ on parent MLflow run"
@@ -214,7 +216,7 @@ def test_launcher_configs_compose(launcher, target):
 @pytest.mark.parametrize(
     "sweep, jobs, extra",
     [
-        ("wd_bisect", 3, ["wd=1e-3"]),
+        ("wd_bisect", 3, ["wd=1e-3", "policy.num_iter=30"]),
         ("clr_vs_fixed", 7, []),
         ("one_cycle_grid", 12, []),
         ("reg_balance", 2, ["optimizer.weight_decay=1e-4", "loss.label_smoothing=0,0.1"]),
@@ -223,7 +225,7 @@ def test_launcher_configs_compose(launcher, target):
 def test_every_shipped_sweep_runs(tmp_path, store, sweep, jobs, extra):
     """The remaining sweeps in sweeps/, at one epoch a job (wd_range_test has its own test above)."""
     uri, client = store
-    sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30", "trainer.log_every=22")
+    sweep_dir = _sweep(tmp_path, f"+sweep={sweep}", *extra, "range_test.num_iter=30")
     parent, children = sweep_family(client, sweep_dir)
     assert len(children) == jobs and all(child.info.status == "FINISHED" for child in children)
     assert len(_summary(sweep_dir)) == jobs and parent.info.status == "FINISHED"

@@ -77,7 +77,7 @@ def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
     return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
-def _logging_cost(uri: str, steps: int = 20000) -> dict[str, float]:
+def _logging_cost(uri: str, steps: int) -> dict[str, float]:
     """Microseconds a step of recording lr, momentum and loss, in a loop that does nothing else.
 
     The training thread's wall time (which includes waiting for the interpreter lock while the
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block", type=int, default=20, help="steps timed at a time")
     parser.add_argument("--repeats", type=int, default=9, help="blocks of each loop")
     parser.add_argument("--runs", type=int, default=3, help="whole runs of each, end to end")
+    parser.add_argument("--log-steps", type=int, default=20000, help="steps of the loop that only records")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     args = parser.parse_args(argv)
     with user_errors("clrx.studies.bench"):
@@ -225,7 +226,7 @@ def bench(args: argparse.Namespace) -> None:
         "host_overhead_95ci": median_interval(extra_us),
         "tiny_model_reference_us_per_step": 1000 * statistics.median(overhead["reference"]),
         **_end_to_end(base, uri, workdir, args.runs),
-        **_logging_cost(uri),
+        **_logging_cost(uri, args.log_steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
