@@ -117,7 +117,7 @@ def test_an_optuna_search_ranks_a_diverging_trial_last_and_names_the_best(tmp_pa
         "policy.max_lr=choice(0.1,0.2,0.4,1000000.0)",  # the command line replaces the sweep's ranges
         "optimizer.weight_decay=1e-4",
         "loss.label_smoothing=0.1",
-        "trainer.batch_size=128",
+        "trainer.batch_size=16",  # 16 steps: enough for max_lr 1e6 to diverge
         "tracking.log_model=false",
     )
     sweep_dir = tmp_path / "sweep"
