@@ -226,6 +226,7 @@ def fit(
     session.model.train()
     try:  # closed also when the run stops early: a message must not land on the bar's line
         last = trainer.epochs if progress.stopped is None else progress.step // per_epoch
+        every = trainer.checkpoint_every  # read once: a config lookup a step would wait for
         for epoch in range(progress.step // per_epoch, last):
             for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
                 session.policy_step(policy, progress.step, micro, recorder)
@@ -235,7 +236,7 @@ def fit(
                     progress.skipped += 1
                     tracker.metric("amp/skipped_step", 1.0, progress.step - 1)
                 mid_epoch = progress.step % per_epoch
-                saved = bool(trainer.checkpoint_every and progress.step % trainer.checkpoint_every == 0 and mid_epoch)
+                saved = bool(every and progress.step % every == 0 and mid_epoch)
                 if saved:
                     save()
                 if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first

@@ -42,8 +42,8 @@ class Recorder:
         self.steps.append(step)
         self.lrs.append(lr)
         self.momenta.append(momentum)
-        loss = loss.detach().float()
-        self._pending.append(loss if grad_norm is None else torch.stack([loss, grad_norm.detach().float()]))
+        loss = loss.detach()
+        self._pending.append(loss if grad_norm is None else torch.stack([loss.float(), grad_norm.detach().float()]))
         if len(self._pending) >= self.every:
             self.drain()
 
@@ -51,7 +51,7 @@ class Recorder:
         """Read pending losses, stop on a non-finite one, and pass every point to the tracker."""
         if not self._pending:
             return
-        read = self.reduce(torch.stack(self._pending)).tolist()
+        read = self.reduce(torch.stack(self._pending).float()).tolist()
         values = [each[0] if isinstance(each, list) else each for each in read]
         first = len(self.losses)
         self._pending = []

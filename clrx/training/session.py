@@ -62,6 +62,12 @@ class Session:
     grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping, where it clips
     test_loader: Batches | None = None  # a test set kept apart from validation (dataset.val_split)
 
+    def __post_init__(self) -> None:
+        # The settings a step reads, as plain values: a config lookup costs microseconds a fast GPU would wait for.
+        trainer = self.cfg.trainer
+        self.clip_norm, self.clip_value = trainer.clip_grad_norm, trainer.clip_grad_value
+        self.channels_last = trainer.channels_last
+
     def step(self, micro: list[Batch]) -> tuple[torch.Tensor, list[Batch]]:
         """One optimizer step over the micro batches of one global batch.
 
@@ -100,15 +106,14 @@ class Session:
 
     def _clip(self) -> torch.Tensor | None:
         """Clip the gradients as trainer.clip_grad_norm or clip_grad_value say; their norm before clipping."""
-        trainer = self.cfg.trainer
-        if trainer.clip_grad_norm is None and trainer.clip_grad_value is None:
+        if self.clip_norm is None and self.clip_value is None:
             return None
         self.accelerator.unscale_gradients()  # fp16: the true gradients first (a no-op otherwise)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if trainer.clip_grad_norm is not None:
-            return torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
+        if self.clip_norm is not None:
+            return torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        torch.nn.utils.clip_grad_value_(params, trainer.clip_grad_value)
+        torch.nn.utils.clip_grad_value_(params, self.clip_value)
         return norm
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[Batch]]:
@@ -163,7 +168,7 @@ class Session:
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """A batch as the model takes it: augmented (training) and normalized on the device."""
         images = self.data.pipeline(images, train)
-        if self.cfg.trainer.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
