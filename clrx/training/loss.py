@@ -35,9 +35,8 @@ def training_loss(node: DictConfig, num_classes: int, micro_batch: int) -> Train
     """The loss ``node`` (the ``loss`` group) describes, for micro batches of ``micro_batch`` images a process."""
     check_loss(node)
     if not (node.mixup_alpha or node.cutmix_alpha):
-        return TrainingLoss(
-            None, lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=node.label_smoothing)
-        )
+        smoothing = float(node.label_smoothing)  # a plain number: a config lookup every step would cost microseconds
+        return TrainingLoss(None, lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=smoothing))
     if micro_batch % 2:  # each image is mixed with its mirror in the batch
         raise ConfigError(
             "trainer.batch_size",
