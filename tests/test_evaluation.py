@@ -50,6 +50,16 @@ def _scores(model, data, part):
     }
 
 
+def _val_loss(cfg, weights):
+    """The validation loss of ``weights`` in a freshly built model of ``cfg``, computed here."""
+    model = instantiate(cfg.model, "model", num_classes=10, in_chans=1)
+    model.load_state_dict(weights)
+    model.eval()
+    data = build_data(cfg.dataset)
+    with torch.no_grad():
+        return F.cross_entropy(model(data.pipeline(data.val.images, train=False)), data.val.labels).item()
+
+
 def test_top_k_hits_count_what_torch_topk_and_timms_accuracy_count_on_a_fixed_batch():
     generator = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(64, 20, generator=generator), torch.randint(20, (64,), generator=generator)
@@ -150,13 +160,7 @@ def test_the_best_checkpoint_holds_the_weights_of_the_best_logged_evaluation(tmp
     )
     assert client.get_run(result.run_id).data.metrics["best_val_loss"] == value
     assert ("clrx.early_stop" in tags) == (stopped < 5) and client.get_run(result.run_id).info.status == "FINISHED"
-    model = instantiate(cfg.model, "model", num_classes=10, in_chans=1)
-    model.load_state_dict(saved["model"])
-    model.eval()
-    data = build_data(cfg.dataset)
-    with torch.no_grad():
-        loss = F.cross_entropy(model(data.pipeline(data.val.images, train=False)), data.val.labels).item()
-    assert loss == pytest.approx(value, rel=1e-5)  # these weights scored the best value
+    assert _val_loss(cfg, saved["model"]) == pytest.approx(value, rel=1e-5)  # these weights scored the best value
     with pytest.raises(ConfigError, match="best weights only; resume from a step"):
         checkpoint.find(str(tmp_path / checkpoint.DIRECTORY / checkpoint.BEST), tmp_path)
 
@@ -192,10 +196,4 @@ def test_the_best_averaged_weights_are_kept_for_an_ema_metric(tmp_path, store):
     step, value = min(_points(client, result.run_id, "val_loss_ema"), key=lambda point: point[1])
     saved = torch.load(tmp_path / checkpoint.DIRECTORY / checkpoint.BEST)
     assert (saved["best"]["metric"], saved["best"]["step"], saved["best"]["value"]) == ("val_loss_ema", step, value)
-    model = instantiate(cfg.model, "model", num_classes=10, in_chans=1)
-    model.load_state_dict(saved["model"])
-    model.eval()
-    data = build_data(cfg.dataset)
-    with torch.no_grad():
-        loss = F.cross_entropy(model(data.pipeline(data.val.images, train=False)), data.val.labels).item()
-    assert loss == pytest.approx(value, rel=1e-5)  # the averaged weights, not the trained ones
+    assert _val_loss(cfg, saved["model"]) == pytest.approx(value, rel=1e-5)  # the averaged weights scored it
