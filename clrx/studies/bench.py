@@ -207,7 +207,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def bench(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="clrx-bench-"))
+    with tempfile.TemporaryDirectory(prefix="clrx-bench-") as workdir:  # its runs, store and data: not kept
+        results = _measure(args, Path(workdir))
+    args.out.write_text(json.dumps(results, indent=2))
+    width = max(map(len, results))
+    for key, value in results.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        if isinstance(value, list) and all(isinstance(v, float) for v in value):
+            shown = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+        print(f"{key:<{width}}  {shown}")
+    print(f"written to {args.out}")
+
+
+def _measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     base = ["trainer.progress=false", f"tracking.uri={uri}", *args.overrides, "policy=one_cycle"]
     per_step = _per_step(compose_run(*base), uri, args.block, args.repeats)
@@ -215,7 +227,7 @@ def bench(args: argparse.Namespace) -> None:
     tiny = compose_run(*base, f"model._target_={__name__}.tiny_model")
     overhead = _per_step(tiny, uri, 10 * args.block, args.repeats)
     extra_us = [1000 * (c - r) for c, r in zip(overhead["clrx"], overhead["reference"], strict=True)]
-    results = {
+    return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
         "overrides": base,
         "block_steps": args.block,
@@ -230,14 +242,6 @@ def bench(args: argparse.Namespace) -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
-    args.out.write_text(json.dumps(results, indent=2))
-    width = max(map(len, results))
-    for key, value in results.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else value
-        if isinstance(value, list) and all(isinstance(v, float) for v in value):
-            shown = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
-        print(f"{key:<{width}}  {shown}")
-    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":
