@@ -197,3 +197,40 @@ def test_the_best_averaged_weights_are_kept_for_an_ema_metric(tmp_path, store):
     saved = torch.load(tmp_path / checkpoint.DIRECTORY / checkpoint.BEST)
     assert (saved["best"]["metric"], saved["best"]["step"], saved["best"]["value"]) == ("val_loss_ema", step, value)
     assert _val_loss(cfg, saved["model"]) == pytest.approx(value, rel=1e-5)  # the averaged weights scored it
+
+
+def test_with_save_best_the_test_set_scores_the_best_weights_and_the_run_keeps_the_final_ones(
+    tmp_path, store, data_root
+):
+    uri, client = store
+    run = (
+        "dataset=cifar100",
+        f"dataset.root={data_root}",
+        "dataset.val_split=0.25",
+        "policy=fixed",
+        "policy.lr=3.0",
+        "trainer.epochs=4",
+        "trainer.batch_size=8",
+        "trainer.save_best=val_loss",
+        "trainer.progress=false",
+        "trainer.device=cpu",
+        f"tracking.uri={uri}",
+    )
+    cfg = compose_run(*run)
+    result = train(cfg, tmp_path)
+    saved = torch.load(tmp_path / checkpoint.DIRECTORY / checkpoint.BEST)
+    assert saved["best"]["epoch"] < 4  # at this lr the loss climbs after its best epoch: best is not final
+    data = build_data(cfg.dataset)
+    scores = {}
+    for name, weights in (("best", saved["model"]), ("final", torch.load(tmp_path / "model.pt"))):
+        model = instantiate(cfg.model, "model", num_classes=100, in_chans=3)
+        model.load_state_dict(weights)
+        scores[name] = {**_scores(model.eval(), data, "test"), **_scores(model, data, "val")}
+    assert scores["best"]["test_loss"] != pytest.approx(scores["final"]["test_loss"], rel=1e-3)
+    run_data = client.get_run(result.run_id).data
+    logged = {key: run_data.metrics[key] for key in ("test_loss", "test_acc", "test_acc5")}
+    assert logged == pytest.approx({key: scores["best"][key] for key in logged}, rel=1e-5, abs=1e-6)
+    assert run_data.tags["clrx.test.weights"] == (
+        f"best (val_loss {saved['best']['value']:.6g} at epoch {saved['best']['epoch']})"
+    )
+    assert scores["final"]["val_loss"] == pytest.approx(result.val_loss, rel=1e-5)  # the run ends on its final weights

@@ -147,6 +147,25 @@ def scored(session: Session, part: str) -> dict[str, float]:
     return scores
 
 
+def tested(session: Session, tracker: Tracker, output_dir: Path, best: Mapping[str, Any] | None) -> dict[str, float]:
+    """The test set's scores, once, after training: of ``best``'s weights (``checkpoints/best.pt``) where
+    ``trainer.save_best`` kept them, as Lightning's ``trainer.test`` takes the best checkpoint; else of the
+    final weights (and the averaged ones). The run's model keeps its final weights."""
+    if best is None:
+        tracker.tags({"clrx.test.weights": "final"})
+        return scored(session, "test")
+    path = output_dir / checkpoint.DIRECTORY / checkpoint.BEST
+    model = session.plain_model
+    final = {key: value.clone() for key, value in model.state_dict().items()}
+    model.load_state_dict(torch.load(path, map_location=session.accelerator.device, weights_only=True)["model"])
+    try:
+        scores = session.evaluate("test")
+    finally:
+        model.load_state_dict(final)
+    tracker.tags({"clrx.test.weights": f"best ({best['metric']} {best['value']:.6g} at epoch {best['epoch']})"})
+    return scores
+
+
 def _save_best(session: Session, tracker: Tracker, output_dir: Path, best: Mapping[str, Any]) -> None:
     """``checkpoints/best.pt``: the weights that scored ``best`` (the averaged ones for an ``_ema`` metric),
     which the MLflow run's tags describe."""
@@ -258,7 +277,7 @@ def fit(
     if progress.stopped is not None:
         log.info("early stop: %s", progress.stopped)
         tracker.tags({"clrx.early_stop": progress.stopped})
-    test = None if session.test_loader is None else scored(session, "test")
+    test = None if session.test_loader is None else tested(session, tracker, output_dir, progress.bests.get(save_best))
     if test is not None:  # once, after training: nothing above reads the test set
         tracker.metrics(test, progress.step)
     totals = {f"best_{metric}": best["value"] for metric, best in progress.bests.items()}
