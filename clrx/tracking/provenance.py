@@ -126,4 +126,5 @@ def log_model(
             pip_requirements=requirements,
             registered_model_name=register_as,
             step=step,
+            validate_serving_input=False,  # it loads the model again to run the example the signature came from
         )
