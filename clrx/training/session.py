@@ -37,6 +37,7 @@ from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
 from clrx.training.loss import TrainingLoss, training_loss
 from clrx.training.recorder import Recorder
+from clrx.training.sync_bn import SyncBatchNorm
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Batches = DeviceBatches | DataLoader  # in-memory data drawn where it lives; folders through Accelerate
@@ -239,6 +240,20 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def on_cpu(trainer: DictConfig) -> bool:
+    """On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch."""
+    return trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+
+
+def threads() -> int:
+    """Threads for this process's CPU work: what OMP_NUM_THREADS says, else this machine's cores shared evenly
+    by the launch's processes on it (two processes each taking every core would wait on each other)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def accelerator_for(trainer: DictConfig) -> Accelerator:
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
@@ -253,8 +268,7 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
     loading = DataLoaderConfiguration(
         split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed, non_blocking=True
     )
-    # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
-    cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+    cpu = on_cpu(trainer)
     check_launch(cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
         return Accelerator(
@@ -316,6 +330,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     """
     trainer = cfg.trainer
     check_trainer(trainer)
+    torch.set_num_threads(threads())
     accelerator = accelerator_for(trainer)
     set_seed(trainer.seed, device_specific=True)  # each process its own augmentation; weights come from rank 0
     data = build_data(cfg.dataset)
@@ -323,6 +338,8 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if trainer.sync_bn and accelerator.num_processes > 1:  # before DDP wraps the model
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
     model, optimizer = accelerator.prepare(model, optimizer)
     if trainer.find_batch_size and search_batch:
