@@ -75,19 +75,36 @@ def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_in_one_l
     assert finished.info.status == "FINISHED"  # the checkpoint's run, untouched; no other
 
 
-def test_a_lost_main_process_fails_its_run_and_both_nodes_resume_it_exactly(tmp_path, store):
+@pytest.mark.parametrize("killed", [1, 0], ids=["rank 1 lost", "main process lost"])
+def test_a_lost_process_fails_the_run_within_seconds_and_both_nodes_resume_it_exactly(tmp_path, store, killed):
     uri, client = store
     run = (*RUN, "trainer.checkpoint_every=5", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}")
     port = free_port()
-    nodes = [_node(0, port, ["13", *run], tmp_path, script=(KILLED,)), _node(1, port, run, tmp_path)]
-    err = nodes[1].communicate(timeout=300)[1]
-    nodes[0].communicate(timeout=60)
-    assert nodes[1].returncode != 0, err[-3000:]
-    [lost] = _errors(err)
-    assert lost.startswith("clrx: error: the main process was lost (") and "ended FAILED" in lost
-    assert lost.endswith(f"resume with trainer.resume=auto hydra.run.dir={tmp_path / 'run'} on every node")
-    [failed] = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
-    assert failed.info.status == "FAILED" and "main process was lost" in failed.data.tags["clrx.failure"]
+    nodes = [
+        _node(node, port, ["13", *run], tmp_path, script=(KILLED,))
+        if node == killed
+        else _node(node, port, run, tmp_path)
+        for node in (0, 1)
+    ]
+    nodes[killed].wait(timeout=300)  # its agent ends with it
+    lost_at = time.monotonic()
+    [started] = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
+    while client.get_run(started.info.run_id).info.status == "RUNNING" and time.monotonic() < lost_at + 60:
+        time.sleep(0.2)
+    ended_after = time.monotonic() - lost_at
+    failed = client.get_run(started.info.run_id)
+    assert failed.info.status == "FAILED" and ended_after < 20, ended_after
+    survivor = nodes[1 - killed]
+    err = survivor.communicate(timeout=60)[1]
+    assert survivor.returncode != 0
+    [said] = _errors(err)
+    resume = f"resume with trainer.resume=auto hydra.run.dir={tmp_path / 'run'} on every node"
+    if killed == 1:  # the main process ends its own run
+        assert said.startswith("clrx: error: a process of the launch was lost (") and said.endswith(resume), err
+        assert failed.data.tags["clrx.failure"].startswith("ProcessLost: a process of the launch was lost")
+        return
+    assert said.startswith("clrx: error: the main process was lost (") and said.endswith(resume), err
+    assert "ended FAILED" in said and "main process was lost" in failed.data.tags["clrx.failure"]
 
     port = free_port()
     resumed = [_node(node, port, [*run, "trainer.resume=auto"], tmp_path) for node in (0, 1)]

@@ -25,7 +25,7 @@ from clrx.errors import ClrxError, ConfigError, ProcessLost, one_line
 from clrx.training import checkpoint
 
 SHARED = "the run directory must be on a file system every node shares"
-GRACE_S = 10  # how long a surviving rank leaves the main process to end the run itself
+GRACE_S = 5  # how long a surviving rank leaves the main process to end the run itself
 log = logging.getLogger("clrx")
 
 
