@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from timm.layers import BatchNormAct2d
 
 from clrx.config.schema import check_claims, check_launcher, compose_run
 from clrx.errors import ConfigError
 from clrx.training import checkpoint, ranks
 from clrx.training.run import train
 from clrx.training.session import threads
-from clrx.training.sync_bn import SyncBatchNorm
+from clrx.training.sync_bn import GlobalBatchNorm, synchronized
 from tests.conftest import ROOT, free_port
 
 STEPS = 1438 // 64
@@ -150,7 +151,8 @@ def test_environments_that_claim_several_processes_for_one_are_refused():
 
 def test_sync_bn_on_two_processes_trains_as_one_process_with_the_same_global_batch(tmp_path, store, monkeypatch):
     uri, client = store
-    run = (*RUN, "model=test_resnet", f"tracking.uri={uri}")
+    run = (*RUN, "model=test_resnet", "trainer.batch_size=128", "policy.base_lr=0.001", "policy.max_lr=0.01")
+    run = (*run, f"tracking.uri={uri}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clrx"]
     done = subprocess.run(
         [*command, *run, "trainer.sync_bn=true"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600
@@ -160,7 +162,7 @@ def test_sync_bn_on_two_processes_trains_as_one_process_with_the_same_global_bat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = train(compose_run(*run, "trainer.sync_bn=true"), tmp_path / "single").run_id  # a no-op on one process
     losses, reference = (_points(client, r, "train_loss") for r in (synced.info.run_id, single))
-    assert [s for s, _ in losses] == list(range(STEPS))
+    assert [s for s, _ in losses] == list(range(1438 // 128))
     assert [v for _, v in losses] == pytest.approx([v for _, v in reference], rel=1e-3)
     assert synced.data.params["threads"] == client.get_run(single).data.params["threads"] == "1"
 
@@ -170,11 +172,10 @@ def test_cpu_sync_batch_norm_matches_batch_norm_on_one_process(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
     try:
         plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None))
-        synced = SyncBatchNorm.convert_sync_batchnorm(
-            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None))
-        )
+        synced = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=None))
+        synced = synchronized(synced, cpu=True)
         synced.load_state_dict(plain.state_dict())
-        assert type(synced[1]) is SyncBatchNorm
+        assert type(synced[1]) is GlobalBatchNorm
         images = torch.randn(6, 3, 8, 8) * 3 + 1
         for model in (plain, synced):
             for _ in range(2):
@@ -185,6 +186,8 @@ def test_cpu_sync_batch_norm_matches_batch_norm_on_one_process(tmp_path):
             assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6)
     finally:
         torch.distributed.destroy_process_group()
+    with pytest.raises(ConfigError, match=r"^trainer.sync_bn: on the CPU only .*, not BatchNormAct2d"):
+        synchronized(BatchNormAct2d(4), cpu=True)
 
 
 def test_each_process_takes_its_share_of_the_cores(monkeypatch):

@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
 from clrx.config.build import build_optimizer, instantiate
@@ -37,7 +38,7 @@ from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
 from clrx.training.loss import TrainingLoss, training_loss
 from clrx.training.recorder import Recorder
-from clrx.training.sync_bn import SyncBatchNorm
+from clrx.training.sync_bn import synchronized
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Batches = DeviceBatches | DataLoader  # in-memory data drawn where it lives; folders through Accelerate
@@ -312,9 +313,8 @@ def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tup
 
 def _check_batch_norm(model: torch.nn.Module, trainer: DictConfig, processes: int) -> None:
     """Batch norm cannot train on a single image: its variance over one value is undefined."""
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
     share = processes * trainer.grad_accum
-    if trainer.batch_size // share == 1 and any(isinstance(module, norms) for module in model.modules()):
+    if trainer.batch_size // share == 1 and any(isinstance(module, _BatchNorm) for module in model.modules()):
         raise ConfigError(
             "trainer.batch_size",
             f"gives each process micro batches of 1 image, which the model's batch norm layers cannot train on; "
@@ -339,7 +339,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if trainer.sync_bn and accelerator.num_processes > 1:  # before DDP wraps the model
-        model = SyncBatchNorm.convert_sync_batchnorm(model)
+        model = synchronized(model, accelerator.device.type == "cpu")
     optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
     model, optimizer = accelerator.prepare(model, optimizer)
     if trainer.find_batch_size and search_batch:
