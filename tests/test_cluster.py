@@ -195,5 +195,8 @@ def test_each_process_takes_its_share_of_the_cores(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert threads() == max(1, cores // 2)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")  # a task's own CPUs, whatever else the machine has
+    assert threads() == 6
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads() == 3

@@ -247,10 +247,13 @@ def on_cpu(trainer: DictConfig) -> bool:
 
 
 def threads() -> int:
-    """Threads for this process's CPU work: what OMP_NUM_THREADS says, else this machine's cores shared evenly
-    by the launch's processes on it (two processes each taking every core would wait on each other)."""
+    """Threads for this process's CPU work: what OMP_NUM_THREADS says, else a SLURM task's own CPUs under
+    submitit, else this machine's cores shared evenly by the launch's processes on it (two processes each
+    taking every core would wait on each other)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
