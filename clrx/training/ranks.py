@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,9 +132,12 @@ def watched(run_id: str, uri: str, output_dir: Path) -> Iterator[None]:
     except Exception as error:
         if isinstance(error, ClrxError) or not lost(error):
             raise
+        why = re.sub(r"^\[[^]]*\] ", "", one_line(error)).split(". ")[0][:200]  # gloo's source location left out
         if main:
-            raise ProcessLost(f"a process of the launch was lost ({one_line(error)[:200]}); {resume}") from None
-        reason = f"the main process was lost ({one_line(error)[:200]})"
-        ended = _end_if_running(uri, run_id, reason)
-        said = f"; MLflow run {run_id} ended FAILED" if ended else ""
+            raise ProcessLost(f"a process of the launch was lost ({why}); {resume}") from None
+        reason = f"the main process was lost ({why})"
+        try:
+            said = f"; MLflow run {run_id} ended FAILED" if _end_if_running(uri, run_id, reason) else ""
+        except ClrxError as unusable:  # the store does not answer either
+            said = f"; MLflow run {run_id} could not be ended ({unusable})"
         raise ProcessLost(f"{reason}{said}; {resume}") from None
