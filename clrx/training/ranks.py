@@ -8,7 +8,6 @@ ends it FAILED instead of leaving it RUNNING.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -27,7 +26,6 @@ from clrx.training import checkpoint
 
 SHARED = "the run directory must be on a file system every node shares"
 GRACE_S = 5  # how long a surviving rank leaves the main process to end the run itself
-log = logging.getLogger("clrx")
 
 
 def several() -> bool:
