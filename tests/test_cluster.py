@@ -21,7 +21,7 @@ from clrx.training import checkpoint, ranks
 from clrx.training.run import train
 from clrx.training.session import threads
 from clrx.training.sync_bn import GlobalBatchNorm, synchronized
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, main_in_process
 
 STEPS = 1438 // 64
 RUN = ("trainer.epochs=1", "trainer.device=cpu", "trainer.save_model=false", "trainer.progress=false")
@@ -147,6 +147,18 @@ def test_environments_that_claim_several_processes_for_one_are_refused():
     check_launcher(
         compose_run("hydra/launcher=slurm", "hydra.launcher.tasks_per_node=4", return_hydra=True).hydra.launcher
     )
+
+
+def test_submitit_local_with_several_tasks_is_refused_before_the_sweep_starts(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+    monkeypatch.chdir(tmp_path)
+    args = ("-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *RUN, f"tracking.uri={uri}")
+    status, stderr = main_in_process(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 2 and _errors(stderr) == [
+        "clrx: error: hydra.launcher.tasks_per_node: submitit_local would start 2 copies of each job, each training "
+        "alone; set it to 1 (several processes: torchrun --nproc_per_node 2, or hydra/launcher=slurm on a cluster)"
+    ], stderr
+    assert [e.name for e in client.search_experiments()] == ["Default"] and not client.search_runs(["0"])
 
 
 def test_sync_bn_on_two_processes_trains_as_one_process_with_the_same_global_batch(tmp_path, store, monkeypatch):

@@ -56,7 +56,10 @@ class SweepRuns(Callback):
         from clrx.tracking.provenance import context_tags  # MLflow: when used
         from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store
 
-        check_launcher(config.hydra.launcher)
+        try:
+            check_launcher(config.hydra.launcher)
+        except ClrxError as error:  # Hydra turns a callback's exception into a warning and goes on; not an exit
+            exit_with("clrx", str(error), 2)
         if not main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
