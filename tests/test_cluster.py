@@ -35,13 +35,15 @@ def _env():
     return env
 
 
-def _node(node, port, args, cwd, script=("-m", "clrx"), hidden=None):
-    """Node ``node`` of two, one process each; ``hidden``: a folder this node does not see (its own disk)."""
+def _node(node, port, args, cwd, script=("-m", "clrx"), own_disk=None):
+    """Node ``node`` of two, one process each. ``own_disk``: (folder, contents): this node sees, at ``folder``,
+    a disk of its own holding a copy of ``contents``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
     command += ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
     command += [*script, *args]
-    if hidden is not None:
-        command = [*OWN_DISK, "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(hidden), *command]
+    if own_disk is not None:
+        mounted = 'mount -t tmpfs none "$0" && cp -r "$1/." "$0" && shift && exec "$@"'
+        command = [*OWN_DISK, "sh", "-c", mounted, *map(str, own_disk), *command]
     return subprocess.Popen(command, cwd=cwd, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -53,22 +55,29 @@ def _points(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_in_one_line(tmp_path, store):
+@pytest.mark.parametrize("on_node_1", ["nothing", "an older checkpoint"])
+def test_a_rank_that_cannot_read_the_chosen_checkpoint_stops_every_rank_in_one_line(tmp_path, store, on_node_1):
     if subprocess.run([*OWN_DISK, "true"], capture_output=True).returncode:
         pytest.skip("this machine allows no mount namespaces: one node's own disk cannot be made")
     uri, client = store
     run = (*RUN, "trainer.checkpoint_every=5", f"tracking.uri={uri}")
     dirs = [tmp_path / f"node{node}" for node in (0, 1)]
-    train(compose_run(*run), dirs[0])  # checkpoints on node 0's disk only
-    (dirs[1]).mkdir()
+    train(compose_run(*run), dirs[0])  # checkpoints on node 0's disk only: steps 20 and 22
+    newest = checkpoint.path_for(dirs[0] / checkpoint.DIRECTORY, STEPS)
+    seen = tmp_path / "seen on node 1"  # node 1's own disk where node 0's run directory is
+    (seen / checkpoint.DIRECTORY).mkdir(parents=True)
+    if on_node_1 == "an older checkpoint":  # the same path, another step: as a stale local copy would be
+        (seen / checkpoint.DIRECTORY / newest.name).write_bytes(checkpoint.path_for(newest.parent, 20).read_bytes())
     port, started = free_port(), time.monotonic()
     nodes = [
-        _node(node, port, [*run, "trainer.resume=auto", f"hydra.run.dir={dirs[node]}"], tmp_path, hidden=hidden)
-        for node, hidden in ((0, None), (1, dirs[0]))
+        _node(node, port, [*run, "trainer.resume=auto", f"hydra.run.dir={dirs[node]}"], tmp_path, own_disk=disk)
+        for node, disk in ((0, None), (1, (dirs[0], seen)))
     ]
     stderr = [process.communicate(timeout=300)[1] for process in nodes]
-    newest = checkpoint.path_for(dirs[0] / checkpoint.DIRECTORY, STEPS)
-    said = f"clrx: error: trainer.resume: node 1 cannot read {newest}; {ranks.SHARED}"
+    problem = (
+        f"cannot read {newest}" if on_node_1 == "nothing" else f"reads another checkpoint at {newest} (step 20, not 22)"
+    )
+    said = f"clrx: error: trainer.resume: node 1 {problem}; {ranks.SHARED}"
     for process, err in zip(nodes, stderr, strict=True):
         assert process.returncode != 0 and _errors(err) == [said], err[-3000:]
     assert time.monotonic() - started < 120
