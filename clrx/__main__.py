@@ -20,8 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from clrx.config.schema import CONF, check_added, main_process, prefer_given, register, worst
-from clrx.errors import USER_ERRORS, ClrxError, Stopped, TrainingDiverged, exit_with, one_line
+from clrx.config.schema import CONF, check_added, check_claims, main_process, prefer_given, register, worst
+from clrx.errors import USER_ERRORS, ClrxError, ProcessLost, Stopped, TrainingDiverged, exit_with, one_line
 from clrx.range_test.suggest import bounds
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
@@ -58,6 +58,7 @@ def app(cfg: DictConfig) -> float:
     global _started
     _started = True
     slurm_processes()
+    check_claims(os.environ)  # before any store or checkpoint is touched
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)
@@ -74,7 +75,7 @@ def app(cfg: DictConfig) -> float:
         if not in_sweep:
             if not isinstance(error, ClrxError):
                 raise
-            exit_with("clrx", str(error), 1 if isinstance(error, TrainingDiverged) else 2)
+            exit_with("clrx", str(error), 1 if isinstance(error, (TrainingDiverged, ProcessLost)) else 2)
         # One failed job must not end the sweep: its run is FAILED, and the summary and the sweep's end say why.
         reason = str(error) if isinstance(error, ClrxError) else f"{type(error).__name__}: {error}"
         log.error("job %s failed: %s", hydra_cfg.job.num, reason, exc_info=not isinstance(error, ClrxError))

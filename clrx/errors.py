@@ -40,6 +40,10 @@ class TrainingDiverged(ClrxError):
     """The loss stopped being finite; the run is marked FAILED with this reason."""
 
 
+class ProcessLost(ClrxError):
+    """A process of a multi-process launch died or lost its connection; the run is marked FAILED with this reason."""
+
+
 class Stopped(BaseException):
     """A signal asked the run to stop: not an error, so nothing catches it on the way out but the CLI."""
 

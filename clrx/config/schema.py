@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -90,6 +90,7 @@ class TrainerConfig:
     device: str = "auto"
     deterministic: bool = False  # deterministic kernels (GPU: slower); the same command gives the same losses
     precision: str = "no"
+    sync_bn: bool = False  # multi-process runs: batch norm statistics over the global batch, not each process's share
     channels_last: bool = False  # NHWC memory format for model and batches (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model (inductor); pays off on GPUs, slow to start on CPU
     progress: bool = True
@@ -312,6 +313,41 @@ def check_launch(cpu: bool) -> None:
 
     if not cpu and torch.cuda.is_available():
         check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+
+
+def check_claims(env: Mapping[str, str]) -> None:
+    """Refuse a launch whose environment speaks of several processes or machines while this process would
+    train alone: Accelerate's launcher with ``--cpu`` (or one process) and ``--num_machines`` or
+    ``--num_processes`` exports the master's address but starts no process group, so each machine would
+    train its own copy of the run."""
+    claims = [name for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK") if name in env]
+    if "WORLD_SIZE" in env or not claims:
+        return
+    torchrun = "torchrun --nnodes N --node_rank R --nproc_per_node P --master_addr ADDR (gloo on CPUs)"
+    if "ACCELERATE_MIXED_PRECISION" in env:
+        raise ConfigError(
+            "accelerate launch --num_machines",
+            f"Accelerate set {claims[0]} but started this process alone (it does so with --cpu, or one process "
+            f"per machine); launch several processes with {torchrun} or accelerate launch --multi_gpu, "
+            "or drop --num_machines and --num_processes for one process",
+        )
+    raise ConfigError(
+        claims[0],
+        f"is set but WORLD_SIZE is not, so this process would train alone; launch with {torchrun}, "
+        f"or unset {' and '.join(claims)} for one process",
+    )
+
+
+def check_launcher(launcher: Mapping[str, object]) -> None:
+    """Refuse submitit_local with several tasks: it starts copies of each job that train alone, not one
+    training of several processes."""
+    tasks = launcher.get("tasks_per_node", 1)
+    if "LocalLauncher" in str(launcher.get("_target_", "")) and isinstance(tasks, int) and tasks > 1:
+        raise ConfigError(
+            "hydra.launcher.tasks_per_node",
+            f"submitit_local would start {tasks} copies of each job, each training alone; set it to 1 "
+            f"(several processes: torchrun --nproc_per_node {tasks}, or hydra/launcher=slurm on a cluster)",
+        )
 
 
 def launch_time(pattern: str) -> str:

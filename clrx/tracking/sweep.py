@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.config.schema import direction, main_process
+from clrx.config.schema import check_launcher, direction, main_process
 from clrx.errors import ClrxError, exit_with
 
 if TYPE_CHECKING:
@@ -56,6 +56,10 @@ class SweepRuns(Callback):
         from clrx.tracking.provenance import context_tags  # MLflow: when used
         from clrx.tracking.store import PARENT_FILE, default_uri, experiment_id, open_store
 
+        try:
+            check_launcher(config.hydra.launcher)
+        except ClrxError as error:  # Hydra turns a callback's exception into a warning and goes on; not an exit
+            exit_with("clrx", str(error), 2)
         if not main_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.build import build_policy
@@ -24,10 +25,10 @@ from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.plots import schedule_figure
 from clrx.tracking.store import flatten, log_config, main_run, run_name
-from clrx.training import checkpoint
+from clrx.training import ranks
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.loop import Result, find_range, fit
-from clrx.training.session import Session, prepare
+from clrx.training.session import Session, on_cpu, prepare
 from clrx.training.stop import STOP
 
 # Settings a resumed run may change: where and how it reports, not what it computes.
@@ -137,7 +138,7 @@ def train(
     check_trainer(cfg.trainer)
     if store is None:
         store = open_in_background(cfg)
-    resumed = checkpoint.find(cfg.trainer.resume, output_dir)
+    resumed = ranks.resume_point(cfg.trainer.resume, output_dir, on_cpu(cfg.trainer))
     if resumed is not None:
         path, saved = resumed
         if cfg.trainer.find_batch_size:  # the batch the interrupted run found, not a new search
@@ -173,9 +174,13 @@ def train(
     journal = output_dir / JOURNAL
     names = cfg.tracking.experiment, run_tags["mlflow.runName"]
     tracking = cfg.tracking.on_failure, cfg.tracking.system_metrics
-    with main_run(client, *names, run_tags, resume_id, journal, *tracking) as tracker:
+    with (
+        main_run(client, *names, run_tags, resume_id, journal, *tracking) as tracker,
+        ranks.watched(tracker.run_id, tracker.uri, output_dir),
+    ):
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
+            tracker.params({"threads": str(torch.get_num_threads())})  # CPU results depend on it
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:

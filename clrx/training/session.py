@@ -26,6 +26,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, default_collate
 
 from clrx.config.build import build_optimizer, instantiate
@@ -37,6 +38,7 @@ from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
 from clrx.training.loss import TrainingLoss, training_loss
 from clrx.training.recorder import Recorder
+from clrx.training.sync_bn import synchronized
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Batches = DeviceBatches | DataLoader  # in-memory data drawn where it lives; folders through Accelerate
@@ -239,6 +241,23 @@ def set_deterministic(on: bool) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def on_cpu(trainer: DictConfig) -> bool:
+    """On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch."""
+    return trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+
+
+def threads() -> int:
+    """Threads for this process's CPU work: what OMP_NUM_THREADS says, else a SLURM task's own CPUs under
+    submitit, else this machine's cores shared evenly by the launch's processes on it (two processes each
+    taking every core would wait on each other)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def accelerator_for(trainer: DictConfig) -> Accelerator:
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device", "cuda was requested but no CUDA device is available; use auto or cpu")
@@ -253,8 +272,7 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
     loading = DataLoaderConfiguration(
         split_batches=True, use_seedable_sampler=True, data_seed=trainer.seed, non_blocking=True
     )
-    # On a machine without a GPU, "auto" is the CPU: also for the processes of a multi-process launch.
-    cpu = trainer.device == "cpu" or (trainer.device == "auto" and not torch.cuda.is_available())
+    cpu = on_cpu(trainer)
     check_launch(cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
         return Accelerator(
@@ -298,9 +316,8 @@ def _loaders(data: Splits, trainer: DictConfig, accelerator: Accelerator) -> tup
 
 def _check_batch_norm(model: torch.nn.Module, trainer: DictConfig, processes: int) -> None:
     """Batch norm cannot train on a single image: its variance over one value is undefined."""
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
     share = processes * trainer.grad_accum
-    if trainer.batch_size // share == 1 and any(isinstance(module, norms) for module in model.modules()):
+    if trainer.batch_size // share == 1 and any(isinstance(module, _BatchNorm) for module in model.modules()):
         raise ConfigError(
             "trainer.batch_size",
             f"gives each process micro batches of 1 image, which the model's batch norm layers cannot train on; "
@@ -316,6 +333,7 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     """
     trainer = cfg.trainer
     check_trainer(trainer)
+    torch.set_num_threads(threads())
     accelerator = accelerator_for(trainer)
     set_seed(trainer.seed, device_specific=True)  # each process its own augmentation; weights come from rank 0
     data = build_data(cfg.dataset)
@@ -323,6 +341,8 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     model = instantiate(cfg.model, "model", num_classes=data.num_classes, in_chans=data.in_chans)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if trainer.sync_bn and accelerator.num_processes > 1:  # before DDP wraps the model
+        model = synchronized(model, accelerator.device.type == "cpu")
     optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
     model, optimizer = accelerator.prepare(model, optimizer)
     if trainer.find_batch_size and search_batch:
