@@ -15,9 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.config.build import build_policy
 from clrx.config.schema import check_trainer
 from clrx.errors import ConfigError
+from clrx.param_groups import log_table
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.journal import NAME as JOURNAL
@@ -26,6 +26,7 @@ from clrx.tracking.plots import schedule_figure
 from clrx.tracking.store import flatten, log_config, main_run, run_name
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
+from clrx.training.finetune import run_policy
 from clrx.training.loop import Result, find_range, fit
 from clrx.training.session import Session, prepare
 from clrx.training.stop import STOP
@@ -148,7 +149,7 @@ def train(
     if cfg.trainer.dry_run:
         if auto_keys(cfg.policy):
             raise ConfigError("trainer.dry_run", "auto bounds come from a range test; run policy=range_test first")
-        policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
+        policy = run_policy(cfg.policy, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
         _check_momentum(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
@@ -162,7 +163,7 @@ def train(
         node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
     else:
         node = resolve_auto(session, client, output_dir, run_tags)
-    policy = build_policy(node, session.steps_per_epoch, session.total_steps)
+    policy = run_policy(node, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
     _check_momentum(session, policy, "policy")
     if resumed is not None:
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
@@ -176,6 +177,7 @@ def train(
     with main_run(client, *names, run_tags, resume_id, journal, *tracking) as tracker:
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
+            log_table(tracker, session.optimizer, session.plain_model)
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:
