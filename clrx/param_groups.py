@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ def matches(pattern: str, name: str) -> bool:
 
 
 def _multipliers(model: torch.nn.Module, lr_mult: Mapping[str, Any]) -> dict[str, tuple[str, float]]:
-    """Each parameter's (pattern, multiplier) by the first pattern of ``lr_mult`` that matches it
+    """Each parameter's (group name, multiplier) by the first pattern of ``lr_mult`` that matches it
     (``rest``, 1.0 where none does); a pattern that takes no parameter is refused."""
     if not isinstance(lr_mult, Mapping) or not lr_mult:
         raise ConfigError("optimizer.lr_mult", f"must map parameter-name patterns to multipliers, got {lr_mult!r}")
@@ -57,18 +58,24 @@ def _multipliers(model: torch.nn.Module, lr_mult: Mapping[str, Any]) -> dict[str
         if not (isinstance(mult, (int, float)) and not isinstance(mult, bool) and mult > 0):
             raise ConfigError(f"optimizer.lr_mult.{pattern}", f"must be a positive multiplier, got {mult!r}")
     names = [name for name, _ in model.named_parameters()]
-    taken = {
-        name: next(((str(p), float(m)) for p, m in lr_mult.items() if matches(str(p), name)), None) for name in names
-    }
-    used = {found[0] for found in taken.values() if found is not None}
+    first = {name: next((str(p) for p in lr_mult if matches(str(p), name)), None) for name in names}
     for pattern in lr_mult:
-        if str(pattern) not in used:
+        if str(pattern) not in first.values():
             raise ConfigError(
                 "optimizer.lr_mult",
                 f"pattern {pattern!r} matches no parameter (or only ones an earlier pattern takes); "
                 f"names look like {', '.join(names[:2])}, ..., {names[-1]}",
             )
-    return {name: found or ("rest", 1.0) for name, found in taken.items()}
+    labels: dict[str, str] = {}
+    for index, pattern in enumerate(map(str, lr_mult)):
+        label = metric_name(pattern)
+        labels[pattern] = f"{label}_{index}" if label in labels.values() else label
+    return {name: ("rest", 1.0) if p is None else (labels[p], float(lr_mult[p])) for name, p in first.items()}
+
+
+def metric_name(pattern: str) -> str:
+    """A pattern as a group name MLflow takes in ``lr/<group>``: ``layer[34]`` is layer_34, ``*`` all."""
+    return re.sub(r"[^\w.-]+", "_", pattern).strip("_.") or "all"
 
 
 def param_groups(
