@@ -169,6 +169,11 @@ def test_frozen_parameters_stay_bit_identical_until_the_unfreeze_then_train(tmp_
     assert result.steps == 3 * PER_EPOCH
 
 
+def test_freeze_epochs_must_leave_epochs_to_train_all_layers():
+    with pytest.raises(ConfigError, match=r"^trainer\.freeze_epochs: must be below trainer\.epochs \(3\)"):
+        prepare(compose_run(*CPU, "trainer.epochs=3", "trainer.freeze_epochs=3"))
+
+
 def test_the_policy_runs_once_over_each_phase():
     cfg = compose_run(*FINE_TUNE)
     policy = run_policy(cfg.policy, PER_EPOCH, 3 * PER_EPOCH, 1)
