@@ -1,6 +1,9 @@
 """Per-group learning rates (timm's layer decay, multipliers by name) and fine-tuning with frozen epochs."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -154,19 +157,37 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return state.get("model", state)
 
 
-def test_frozen_parameters_stay_bit_identical_until_the_unfreeze_then_train(tmp_path, store):
-    uri, _ = store
-    cfg = compose_run(*FINE_TUNE, "trainer.checkpoint_epochs=true", "trainer.keep_last=3", f"tracking.uri={uri}")
+def _check_frozen_phase(cfg, run_dir) -> None:
+    """The frozen parameters of ``cfg``'s run in ``run_dir`` are their initial values until the unfreeze, and
+    every parameter moves after it."""
     start = {name: value.clone() for name, value in prepare(cfg).plain_model.state_dict().items()}
-    result = train(cfg, tmp_path)
     frozen = _is_frozen(timm.create_model("test_resnet", num_classes=10, in_chans=1))
     assert sum(frozen.values()) == 15 and len(frozen) == 47  # the convolutions
-    unfrozen_at = _weights(checkpoint.path_for(tmp_path / checkpoint.DIRECTORY, PER_EPOCH))
-    end = _weights(tmp_path / "model.pt")
+    unfrozen_at = _weights(checkpoint.path_for(run_dir / checkpoint.DIRECTORY, PER_EPOCH))
+    end = _weights(run_dir / "model.pt")
     for name, held in frozen.items():
         assert torch.equal(unfrozen_at[name], start[name]) == held, name
         assert not torch.equal(end[name], unfrozen_at[name]), name
+
+
+def test_frozen_parameters_stay_bit_identical_until_the_unfreeze_then_train(tmp_path, store):
+    uri, _ = store
+    cfg = compose_run(*FINE_TUNE, "trainer.checkpoint_epochs=true", "trainer.keep_last=3", f"tracking.uri={uri}")
+    result = train(cfg, tmp_path)
     assert result.steps == 3 * PER_EPOCH
+    _check_frozen_phase(cfg, tmp_path)
+
+
+def test_two_processes_hold_the_frozen_parameters_still(tmp_path, store):
+    uri, _ = store
+    run = (*FINE_TUNE, "trainer.checkpoint_epochs=true", "trainer.keep_last=3", f"tracking.uri={uri}")
+    run = (*run, f"hydra.run.dir={tmp_path / 'run'}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true", "ACCELERATE_USE_CPU": "1"}  # gloo
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clrx"]
+    done = subprocess.run([*command, *run], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _check_frozen_phase(compose_run(*FINE_TUNE), tmp_path / "run")
 
 
 def test_freeze_epochs_must_leave_epochs_to_train_all_layers():
