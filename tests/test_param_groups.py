@@ -15,6 +15,7 @@ from clrx.config.schema import compose_run
 from clrx.errors import ConfigError
 from clrx.tracking.store import Silent
 from clrx.training import checkpoint
+from clrx.training.auto import range_test_key
 from clrx.training.finetune import run_policy
 from clrx.training.loop import find_range
 from clrx.training.recorder import Recorder
@@ -171,10 +172,13 @@ def _check_frozen_phase(cfg, run_dir) -> None:
 
 
 def test_frozen_parameters_stay_bit_identical_until_the_unfreeze_then_train(tmp_path, store):
-    uri, _ = store
+    uri, client = store
     cfg = compose_run(*FINE_TUNE, "trainer.checkpoint_epochs=true", "trainer.keep_last=3", f"tracking.uri={uri}")
     result = train(cfg, tmp_path)
     assert result.steps == 3 * PER_EPOCH
+    logged = client.get_run(result.run_id).data
+    assert logged.params["param_groups"].startswith("layer_5=1, layer_4=0.75, layer_3=0.5625")
+    assert not [key for key in logged.metrics if key.startswith("lr/")]  # tracking.lr_per_group is off
     _check_frozen_phase(cfg, tmp_path)
 
 
@@ -213,6 +217,12 @@ def test_a_run_resumed_from_the_frozen_phase_equals_an_uninterrupted_one(tmp_pat
     assert resumed.steps == reference.steps and resumed.val_loss == reference.val_loss
     ended, expected = _weights(tmp_path / "resumed" / "model.pt"), _weights(tmp_path / "reference" / "model.pt")
     assert ended.keys() == expected.keys() and all(torch.equal(ended[k], expected[k]) for k in expected)
+
+
+def test_a_fine_tuning_run_keys_its_range_test_apart_by_the_freeze_alone():
+    key = range_test_key(compose_run("trainer.epochs=3", "optimizer.layer_decay=0.75"), 66)
+    frozen = range_test_key(compose_run(*FINE_TUNE), 66)
+    assert frozen != key and range_test_key(compose_run(*FINE_TUNE, "trainer.freeze_epochs=2"), 66) == frozen
 
 
 def test_the_range_test_sweeps_the_top_lr_with_the_ratios_kept_on_the_frozen_model(tmp_path):
