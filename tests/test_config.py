@@ -188,4 +188,5 @@ def test_the_trainer_counts_least_values():
         "checkpoint_every": 0,
         "keep_last": 0,
         "early_stop": 0,
+        "freeze_epochs": 0,
     }

@@ -16,6 +16,7 @@ from timm.optim import param_groups_weight_decay
 
 from clrx.config.schema import IN_EPOCHS
 from clrx.errors import ConfigError
+from clrx.param_groups import param_groups
 from clrx.schedules.policies import Policy
 
 OPTIMIZER_FRACTIONS = ("momentum", "alpha", "rho")
@@ -137,7 +138,8 @@ def build_optimizer(node: DictConfig, model: torch.nn.Module, lr: float) -> torc
     """The configured torch optimizer for ``model``, its fractions and weight decay checked first.
 
     ``decay_bias_and_norm: false`` exempts biases and normalization weights (every parameter
-    with fewer than two dimensions) from weight decay, as timm's helper sorts them.
+    with fewer than two dimensions) from weight decay, as timm's helper sorts them. ``layer_decay``
+    and ``lr_mult`` give groups their own LR scales (``clrx.param_groups``).
     """
     settings = settings_of(node, "optimizer")
     for key in OPTIMIZER_FRACTIONS:
@@ -155,6 +157,10 @@ def build_optimizer(node: DictConfig, model: torch.nn.Module, lr: float) -> torc
     every = settings.pop("decay_bias_and_norm", True)
     if not isinstance(every, bool):
         raise ConfigError("optimizer.decay_bias_and_norm", f"must be true or false, got {every!r}")
+    layer_decay, lr_mult = settings.pop("layer_decay", None), settings.pop("lr_mult", None)
+    if layer_decay is not None or lr_mult is not None:
+        groups = param_groups(model, decay, every, layer_decay, lr_mult)
+        return instantiate(settings, "optimizer", params=groups, lr=lr)
     if every or not decay:
         return instantiate(settings, "optimizer", params=model.parameters(), lr=lr)
     groups = param_groups_weight_decay(model, settings.pop("weight_decay"))

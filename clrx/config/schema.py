@@ -61,6 +61,7 @@ LEAST = {
     "checkpoint_every": 0,
     "keep_last": 0,
     "early_stop": 0,
+    "freeze_epochs": 0,
 }
 # What every evaluation logs, which trainer.save_best and trainer.early_stop_metric may watch; a loss
 # improves downwards, the rest upwards. val_acc5 is logged for datasets of more than TOP5_ABOVE classes,
@@ -108,6 +109,7 @@ class TrainerConfig:
     save_best: str | None = None  # keep checkpoints/best.pt, the weights of the best evaluation by this metric
     early_stop: int = 0  # patience: stop after this many epochs without improvement; 0: train every epoch
     early_stop_metric: str | None = None  # what early_stop watches; null: save_best's metric, else val_acc
+    freeze_epochs: int = 0  # fine-tuning: train only the head and norm layers for this many epochs first
 
 
 @dataclass
@@ -130,6 +132,7 @@ class TrackingConfig:
     register_as: str | None = None  # also register the logged model under this name in the model registry
     system_metrics: bool = False  # CPU, memory, disk, network and GPU use every 10 s (MLflow's SystemMetricsMonitor)
     objective: str = "best_val_acc"  # the value a sweeper ranks a job by; one of OBJECTIVES
+    lr_per_group: bool = False  # also log lr/<group> for every named param group each step
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -138,6 +141,11 @@ def check_trainer(trainer: TrainerConfig) -> None:
             raise ConfigError(f"trainer.{key}", f"must be at least {least}, got {getattr(trainer, key)}")
     if trainer.epochs > MOST_EPOCHS:
         raise ConfigError("trainer.epochs", f"must be at most {MOST_EPOCHS:,}, got {trainer.epochs}")
+    if trainer.freeze_epochs >= trainer.epochs:
+        raise ConfigError(
+            "trainer.freeze_epochs",
+            f"must be below trainer.epochs ({trainer.epochs}): the rest trains all layers, got {trainer.freeze_epochs}",
+        )
     if not 0 <= trainer.seed < SEEDS:
         raise ConfigError("trainer.seed", f"must be in [0, 2**32 - 1], got {trainer.seed}")
     for key, allowed in (("device", DEVICES), ("precision", PRECISIONS)):

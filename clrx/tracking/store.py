@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
 PARAM_VALUE_LIMIT = 6000
+PARAM_KEY = re.compile(r"[\w./ -]+")  # what MLflow takes in a param's name
 PARENT_FILE = "mlflow_parent_run"  # in a sweep's folder: the id of the sweep's parent run
 # The experiment tag by which MLflow 3's UI picks an experiment's view, and its value for training.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -54,7 +56,8 @@ def flatten(config: DictConfig | Mapping[str, Any], prefix: str = "") -> dict[st
     container = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else config
     flat: dict[str, str] = {}
     for key, value in container.items():
-        if isinstance(value, Mapping) and value:
+        # A mapping keyed by what MLflow refuses in a name (optimizer.lr_mult's globs) stays one value.
+        if isinstance(value, Mapping) and value and all(PARAM_KEY.fullmatch(str(inner)) for inner in value):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = str(value)[:PARAM_VALUE_LIMIT]

@@ -68,6 +68,8 @@ def range_test_key(cfg: DictConfig, num_iter: int) -> str:
         inputs["range_test"].pop(reading, None)
     inputs["range_test"]["num_iter"] = num_iter  # null means the run's length: key the length itself
     inputs["trainer"] = {name: cfg.trainer[name] for name in RANGE_TEST_TRAINER_INPUTS}
+    if cfg.trainer.freeze_epochs:  # the test measures the frozen model
+        inputs["trainer"]["frozen"] = True
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 

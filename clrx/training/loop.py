@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from clrx.config.schema import watched_metrics
 from clrx.errors import ConfigError, Stopped
+from clrx.param_groups import scales
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
@@ -197,6 +198,7 @@ def fit(
         reduce=session.reduce_mean,
         on_drain=lambda n, lr, loss: (bar.update(n), bar.set_postfix(lr=f"{lr:.3g}", loss=f"{loss:.4f}")),
         lr_setting=next((f"policy.{key}" for key in ("max_lr", "lr") if key in node), "the policy's learning rates"),
+        group_scales=scales(session.optimizer) if cfg.tracking.lr_per_group else None,
     )
     if resumed is not None:
         progress = Progress(**{key: resumed[key] for key in Progress.__dataclass_fields__ if key in resumed})
@@ -247,6 +249,7 @@ def fit(
         last = trainer.epochs if progress.stopped is None else progress.step // per_epoch
         every = trainer.checkpoint_every  # read once: a config lookup a step would wait for
         for epoch in range(progress.step // per_epoch, last):
+            session.freeze(epoch < trainer.freeze_epochs)
             for micro in session.epoch(epoch, skip=progress.step - epoch * per_epoch):
                 session.policy_step(policy, progress.step, micro, recorder)
                 progress.step += 1
@@ -337,6 +340,7 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
         tracker.metrics({k: v for k, v in values.items() if np.isfinite(v)}, step)
         bar.update(1)
 
+    session.freeze(session.cfg.trainer.freeze_epochs > 0)  # a fine-tuning run's range test measures its frozen phase
     start = time.perf_counter()
     try:
         curve = run_range_test(

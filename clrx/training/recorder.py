@@ -26,8 +26,11 @@ class Recorder:
         reduce: Callable[[torch.Tensor], torch.Tensor] = lambda losses: losses,
         on_drain: Callable[[int, float, float], None] = lambda n, lr, loss: None,
         lr_setting: str = "policy.max_lr",
+        group_scales: Mapping[str, float] | None = None,
     ) -> None:
         self.tracker, self.momentum_name, self.every = tracker, momentum_name, every
+        # lr/<group> for each named param group: the recorded (top group's) lr times the group's scale.
+        self.group_scales = [(f"lr/{name}", scale) for name, scale in (group_scales or {}).items()]
         self.lr_setting = lr_setting  # what a diverged run is told to lower
         self.reduce, self.on_drain = reduce, on_drain
         self.steps: list[int] = []
@@ -65,6 +68,8 @@ class Recorder:
                     f"loss became {loss} at step {step} (lr {lr:.4g}); lower the learning rate ({self.lr_setting})"
                 )
             points.append(("lr", lr, step))
+            if self.group_scales:
+                points.extend((key, lr * scale, step) for key, scale in self.group_scales)
             if self.momentum_name is not None:
                 points.append((self.momentum_name, self.momenta[index], step))
             points.append(("train_loss", loss, step))

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from clrx.config.build import build_policy
 from clrx.config.schema import check_trainer
 from clrx.errors import ConfigError
+from clrx.param_groups import log_table
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.journal import NAME as JOURNAL
@@ -27,6 +27,7 @@ from clrx.tracking.plots import schedule_figure
 from clrx.tracking.store import flatten, log_config, main_run, run_name
 from clrx.training import ranks
 from clrx.training.auto import auto_keys, resolve_auto
+from clrx.training.finetune import run_policy
 from clrx.training.loop import Result, find_range, fit
 from clrx.training.session import Session, on_cpu, prepare
 from clrx.training.stop import STOP
@@ -149,7 +150,7 @@ def train(
     if cfg.trainer.dry_run:
         if auto_keys(cfg.policy):
             raise ConfigError("trainer.dry_run", "auto bounds come from a range test; run policy=range_test first")
-        policy = build_policy(cfg.policy, session.steps_per_epoch, session.total_steps)
+        policy = run_policy(cfg.policy, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
         _check_momentum(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
@@ -163,7 +164,7 @@ def train(
         node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
     else:
         node = resolve_auto(session, client, output_dir, run_tags)
-    policy = build_policy(node, session.steps_per_epoch, session.total_steps)
+    policy = run_policy(node, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
     _check_momentum(session, policy, "policy")
     if resumed is not None:
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
@@ -181,6 +182,7 @@ def train(
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
             tracker.params({"threads": str(torch.get_num_threads())})  # CPU results depend on it
+            log_table(tracker, session.optimizer, session.plain_model)
         if isinstance(policy, LRRange):
             return find_range(session, policy, tracker, output_dir, "policy")
         if node is not cfg.policy:

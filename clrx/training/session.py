@@ -23,7 +23,12 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    parse_flag_from_env,
+    set_seed,
+)
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -36,6 +41,7 @@ from clrx.errors import ConfigError
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
+from clrx.training.finetune import frozen_parameters
 from clrx.training.loss import TrainingLoss, training_loss
 from clrx.training.recorder import Recorder
 from clrx.training.sync_bn import synchronized
@@ -63,6 +69,7 @@ class Session:
     ema: ModelEmaV3 | None = None  # the average of the weights, where trainer.ema asks for one
     grad_norm: torch.Tensor | None = None  # the last step's gradient norm before clipping, where it clips
     test_loader: Batches | None = None  # a test set kept apart from validation (dataset.val_split)
+    frozen: tuple[torch.nn.Parameter, ...] = ()  # what trainer.freeze_epochs holds still at first
 
     def __post_init__(self) -> None:
         # The settings a step reads, as plain values: a config lookup costs microseconds a fast GPU would wait for.
@@ -105,6 +112,11 @@ class Session:
         if self.ema is not None:
             self.ema.update(self.plain_model, step=step + 1)  # timm counts updates: the first copies the weights
         recorder.record(step, lr, momentum, loss, self.grad_norm)
+
+    def freeze(self, on: bool) -> None:
+        """Hold the ``frozen`` parameters still (no gradients: the optimizer skips them), or train them again."""
+        for param in self.frozen:
+            param.requires_grad_(not on)
 
     def _clip(self) -> torch.Tensor | None:
         """Clip the gradients as trainer.clip_grad_norm or clip_grad_value say; their norm before clipping."""
@@ -280,6 +292,10 @@ def accelerator_for(trainer: DictConfig) -> Accelerator:
             cpu=cpu,
             dataloader_config=loading,
             dynamo_backend="inductor" if trainer.compile else "no",
+            # Frozen parameters get no gradients: DDP must not wait for them.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+            if trainer.freeze_epochs
+            else [],
         )
     except ValueError as error:
         raise ConfigError(
@@ -373,4 +389,5 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
         loss=training_loss(cfg.loss, data.num_classes, micro_batch),
         ema=ema,
         test_loader=test_loader,
+        frozen=frozen_parameters(accelerator.unwrap_model(model)) if trainer.freeze_epochs else (),
     )
