@@ -55,4 +55,4 @@ def check_policy(optimizer: torch.optim.Optimizer, policy: Policy, group: str = 
         if not (isinstance(policy, (Fixed, LRRange)) or (isinstance(policy, WSD) and policy.decay_frac == 0)):
             raise ConfigError(group, f"schedule-free optimizers {CONSTANT}; got {type(policy).__name__}")
     elif "d" in optimizer.param_groups[0] and not isinstance(policy, (Fixed, WSD, Cosine, LRRange)):
-        raise ConfigError(group, f"{type(optimizer).__name__} {PRODIGY}; got {type(policy).__name__}")
+        raise ConfigError(group, f"Prodigy {PRODIGY}; got {type(policy).__name__}")
