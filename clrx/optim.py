@@ -50,9 +50,10 @@ def effective_lr(optimizer: torch.optim.Optimizer) -> float:
 
 
 def check_policy(optimizer: torch.optim.Optimizer, policy: Policy, group: str = "policy") -> None:
-    """Refuse a schedule that fights the optimizer's own: cycles for schedule-free optimizers and Prodigy."""
+    """Refuse a schedule that fights the optimizer's own: a changing LR after warm-up for schedule-free optimizers
+    (a range test is a probe, not a schedule), a cycle or a range test for Prodigy, which sets the LR itself."""
     if schedule_free(optimizer):
         if not (isinstance(policy, (Fixed, LRRange)) or (isinstance(policy, WSD) and policy.decay_frac == 0)):
             raise ConfigError(group, f"schedule-free optimizers {CONSTANT}; got {type(policy).__name__}")
-    elif "d" in optimizer.param_groups[0] and not isinstance(policy, (Fixed, WSD, Cosine, LRRange)):
+    elif "d" in optimizer.param_groups[0] and not isinstance(policy, (Fixed, WSD, Cosine)):
         raise ConfigError(group, f"Prodigy {PRODIGY}; got {type(policy).__name__}")

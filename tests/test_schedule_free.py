@@ -93,10 +93,17 @@ def test_batch_norm_statistics_are_recomputed_at_the_kept_average(tmp_path, stor
 
 
 def test_a_resumed_schedule_free_run_ends_as_the_uninterrupted_one(tmp_path, store):
-    uri, _ = store
+    """Checkpoints hold what was evaluated (the average, its batch-norm statistics); resuming one changes nothing."""
+    uri, client = store
     run = (*SMALL, "optimizer=schedulefree_sgd", "policy=wsd", "policy.decay_frac=0", "policy.max_lr=1.0")
     run += ("trainer.epochs=3", "trainer.checkpoint_every=4", "trainer.keep_last=20", "trainer.save_model=false")
     first = train(compose_run(*run, f"tracking.uri={uri}"), tmp_path / "first")
+    cfg = compose_run(*run)
+    at_epoch_end = checkpoint.load(checkpoint.path_for(tmp_path / "first" / checkpoint.DIRECTORY, PER_EPOCH))
+    [first_score, *_] = sorted(client.get_metric_history(first.run_id, "val_loss"), key=lambda m: m.step)
+    assert first_score.value == pytest.approx(
+        _val_loss(_model(cfg, at_epoch_end["model"]), build_data(cfg.dataset)), rel=1e-5
+    )
     middle = checkpoint.path_for(tmp_path / "first" / checkpoint.DIRECTORY, 12)  # mid-epoch 2, after an evaluation
     again = train(compose_run(*run, f"trainer.resume={middle}", f"tracking.uri={uri}"), tmp_path / "again")
     assert again.val_loss == first.val_loss

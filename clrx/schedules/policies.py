@@ -51,8 +51,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _is_steps(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _check_warmup_steps(value: object) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    _require(whole, "warmup_steps", f"must be a whole number of steps >= 0, got {value!r}")
+
+
+def _check_floor(min_lr: object, max_lr: float) -> None:
+    _require(_is_number(min_lr) and 0 <= min_lr < max_lr, "min_lr", f"must be in [0, max_lr), got {min_lr!r}")
 
 
 def _check_lr(setting: str, value: object) -> None:
@@ -294,11 +299,7 @@ class Cosine:
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
         check_positive_whole("total_steps", self.total_steps, " of steps")
-        _require(
-            _is_steps(self.warmup_steps),
-            "warmup_steps",
-            f"must be a whole number of steps >= 0, got {self.warmup_steps!r}",
-        )
+        _check_warmup_steps(self.warmup_steps)
         if self.cycle_steps is None:
             room = self.total_steps - 2
             _require(
@@ -319,11 +320,7 @@ class Cosine:
             f"must be in (0, 1], got {self.cycle_decay!r}",
         )
         check_positive_whole("cycle_limit", self.cycle_limit, " of cycles")
-        _require(
-            _is_number(self.min_lr) and 0 <= self.min_lr < self.max_lr,
-            "min_lr",
-            f"must be in [0, max_lr), got {self.min_lr!r}",
-        )
+        _check_floor(self.min_lr, self.max_lr)
         _check_momentum("momentum", self.momentum)
 
     @property
@@ -374,11 +371,8 @@ class WSD:
             "warmup_steps",
             "give warmup_steps (or warmup_epochs) or warmup_frac, not both",
         )
-        _require(
-            self.warmup_steps is None or _is_steps(self.warmup_steps),
-            "warmup_steps",
-            f"must be a whole number of steps >= 0, got {self.warmup_steps!r}",
-        )
+        if self.warmup_steps is not None:
+            _check_warmup_steps(self.warmup_steps)
         for name in ("warmup_frac", "decay_frac"):
             value = getattr(self, name)
             _require(
@@ -387,11 +381,7 @@ class WSD:
                 f"must be a share of the run in [0, 1], got {value!r}",
             )
         _require(self.decay in DECAYS, "decay", f"must be one of {', '.join(DECAYS)}, got {self.decay!r}")
-        _require(
-            _is_number(self.min_lr) and 0 <= self.min_lr < self.max_lr,
-            "min_lr",
-            f"must be in [0, max_lr), got {self.min_lr!r}",
-        )
+        _check_floor(self.min_lr, self.max_lr)
         _check_momentum("momentum", self.momentum)
         _require(
             self.warmup <= self.decay_start,

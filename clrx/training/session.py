@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -191,11 +192,13 @@ class Session:
             return False
         self.torch_optimizer.eval()
         if norms:
-            batches = itertools.islice(self._norm_batches(), NORM_BATCHES)
+            batches = itertools.islice(self.norm_batches, NORM_BATCHES)
             update_bn((self.inputs(images, train=False) for images, _ in batches), self.plain_model)
         return True
 
-    def _norm_batches(self) -> Batches:
+    @functools.cached_property
+    def norm_batches(self) -> Batches:
+        """The training set in order, in micro batches, each process its share: the batches ``use_averaged`` reads."""
         if isinstance(self.train_loader, DeviceBatches):
             where = {"rank": self.accelerator.process_index, "processes": self.accelerator.num_processes}
             return DeviceBatches(self.data.train, self.train_loader.batch_size, self.accelerator.device, **where)
