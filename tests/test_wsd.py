@@ -79,12 +79,12 @@ def assert_same_end(first_dir, again_dir, step):
 
 
 def test_the_decay_start_checkpoint_is_kept_and_resumes_as_the_run_went_on(tmp_path, store):
-    """The run resumed from decay.pt logs each later step a second time into the same MLflow run: the same values."""
+    """Resumed from decay.pt, a run ends as it did; a longer one stays at max_lr until its own, later decay."""
     uri, client = store
-    run = ("policy=wsd", "policy.decay_frac=0.4", "trainer.epochs=3", "trainer.checkpoint_at_decay=true")
+    run = ("policy=wsd", "policy.decay_frac=0.4", "policy.warmup_steps=3", "trainer.checkpoint_at_decay=true")
     run += ("dataset.limit_train=640", "dataset.limit_val=128")
     run += ("trainer.checkpoint_every=5", "trainer.keep_last=1", "trainer.progress=false", "trainer.save_model=false")
-    first = train(compose_run(*run, f"tracking.uri={uri}"), tmp_path / "first")
+    first = train(compose_run(*run, "trainer.epochs=3", f"tracking.uri={uri}"), tmp_path / "first")
     total = 3 * PER_EPOCH
     start = total - 1 - round(0.4 * (total - 1))  # 17: mid-epoch 2
     kept = tmp_path / "first" / checkpoint.DIRECTORY / checkpoint.DECAY
@@ -92,10 +92,20 @@ def test_the_decay_start_checkpoint_is_kept_and_resumes_as_the_run_went_on(tmp_p
     assert saved["step"] == start and len(saved["record"]["lrs"]) == start
     assert sorted(p.name for p in kept.parent.iterdir()) == [checkpoint.DECAY, "step-00000030.pt"]  # pruned to 1
 
-    again = train(compose_run(*run, f"trainer.resume={kept}", f"tracking.uri={uri}"), tmp_path / "again")
+    again = train(
+        compose_run(*run, "trainer.epochs=3", f"trainer.resume={kept}", f"tracking.uri={uri}"), tmp_path / "again"
+    )
     assert again.run_id == first.run_id and again.val_loss == first.val_loss
     lrs = assert_same_end(tmp_path / "first", tmp_path / "again", total)["record"]["lrs"]
     assert lrs[start] == 0.5 and lrs[start + 1] < 0.5 and lrs[total - 1] == 0.0
+
+    longer = compose_run(*run, "trainer.epochs=5", f"trainer.resume={kept}", "trainer.resume_changed=true")
+    longer.tracking.uri = uri
+    train(longer, tmp_path / "longer")
+    record = checkpoint.load(checkpoint.path_for(tmp_path / "longer" / checkpoint.DIRECTORY, 50))["record"]
+    later = 49 - round(0.4 * 49)  # the longer run's decay starts here
+    assert record["lrs"][:start] == lrs[:start] and set(record["lrs"][start : later + 1]) == {0.5}
+    assert record["lrs"][-1] == 0.0
 
 
 def test_checkpoint_at_decay_needs_a_policy_with_a_decay(tmp_path, store):
