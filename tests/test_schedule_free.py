@@ -105,6 +105,7 @@ def test_a_resumed_schedule_free_run_ends_as_the_uninterrupted_one(tmp_path, sto
         _val_loss(_model(cfg, at_epoch_end["model"]), build_data(cfg.dataset)), rel=1e-5
     )
     middle = checkpoint.path_for(tmp_path / "first" / checkpoint.DIRECTORY, 12)  # mid-epoch 2, after an evaluation
+    assert checkpoint.load(middle)["optimizer"]["param_groups"][0]["train_mode"] is False  # saved at the average
     again = train(compose_run(*run, f"trainer.resume={middle}", f"tracking.uri={uri}"), tmp_path / "again")
     assert again.val_loss == first.val_loss
     assert_same_end(tmp_path / "first", tmp_path / "again", 3 * PER_EPOCH)
