@@ -28,7 +28,7 @@ def _oracle(base, top, floor, total, warmup, decay_steps, shape, step):
     return top - (top - floor) * fall
 
 
-@settings(deadline=None, max_examples=300)
+@settings(deadline=None, max_examples=2 * settings.default.max_examples)  # 300 in the suite
 @given(
     lrs=st.tuples(st.floats(1e-6, 1.0), st.floats(1.01, 1e3), st.floats(0.0, 0.99)),
     total=st.one_of(st.integers(2, 300), st.integers(10**4, 10**6)),
