@@ -49,7 +49,9 @@ IN_EPOCHS = {
 }
 # A length a preset gives in one form, which a command-line value in the other form replaces.
 FORMS = [(steps, epochs) for steps, (epochs, _) in IN_EPOCHS.items()] + [("pct_start", "annihilate_pct")]
-OTHER_FORM = {one: other for pair in FORMS for one, other in (pair, pair[::-1])}
+FORMS += [("warmup_frac", "warmup_steps"), ("warmup_frac", "warmup_epochs")]
+BOTH_WAYS = [way for pair in FORMS for way in (pair, pair[::-1])]
+OTHER_FORMS = {one: [other for first, other in BOTH_WAYS if first == one] for one, _ in BOTH_WAYS}
 # The smallest value each numeric trainer setting takes.
 LEAST = {
     "epochs": 1,
@@ -99,6 +101,7 @@ class TrainerConfig:
     dry_run: bool = False  # print and plot the schedule, train nothing
     checkpoint_every: int = 0  # optimizer steps between checkpoints within an epoch (and at its end); 0: none
     checkpoint_epochs: bool = False  # a checkpoint at every epoch end (also on with checkpoint_every or resume)
+    checkpoint_at_decay: bool = False  # policy=wsd: keep checkpoints/decay.pt, where the decay starts (never pruned)
     keep_last: int = 2  # checkpoints kept in <run dir>/checkpoints; 0: write none
     resume: str | None = None  # auto (newest in the run dir, if any) or a checkpoint file or folder
     resume_changed: bool = False  # resume although the config differs from the checkpoint's
@@ -281,9 +284,9 @@ def prefer_given(cfg: DictConfig, overrides: Iterable[str]) -> None:
     given = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     for key in given:
         group, _, name = key.rpartition(".")
-        other = f"{group}.{OTHER_FORM.get(name)}"
-        if group and name in OTHER_FORM and other not in given and OmegaConf.select(cfg, other) is not None:
-            OmegaConf.update(cfg, other, None)
+        for other in (f"{group}.{each}" for each in OTHER_FORMS.get(name, []) if group):
+            if other not in given and OmegaConf.select(cfg, other) is not None:
+                OmegaConf.update(cfg, other, None)
 
 
 def compose_run(*overrides: str, return_hydra: bool = False) -> DictConfig:

@@ -51,6 +51,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_warmup_steps(value: object) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    _require(whole, "warmup_steps", f"must be a whole number of steps >= 0, got {value!r}")
+
+
+def _check_floor(min_lr: object, max_lr: float) -> None:
+    _require(_is_number(min_lr) and 0 <= min_lr < max_lr, "min_lr", f"must be in [0, max_lr), got {min_lr!r}")
+
+
 def _check_lr(setting: str, value: object) -> None:
     _require(_is_number(value) and value > 0, setting, f"must be a positive number, got {value!r}")
 
@@ -95,6 +104,8 @@ def _cos(start: float, end: float, pct: float) -> float:
 
 
 ANNEALS = {"linear": _lerp, "cos": _cos}  # how one-cycle moves from one end of a phase to the other
+# How warmup-stable-decay falls: the two above, or by 1 - sqrt of the progress (Hägele et al. 2024, arXiv 2405.18392).
+DECAYS = {**ANNEALS, "sqrt": lambda start, end, pct: end + (start - end) * (1 - math.sqrt(pct))}
 
 
 @dataclass(frozen=True)
@@ -288,11 +299,7 @@ class Cosine:
     def __post_init__(self) -> None:
         _check_bounds(self.base_lr, self.max_lr)
         check_positive_whole("total_steps", self.total_steps, " of steps")
-        _require(
-            isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool) and self.warmup_steps >= 0,
-            "warmup_steps",
-            f"must be a whole number of steps >= 0, got {self.warmup_steps!r}",
-        )
+        _check_warmup_steps(self.warmup_steps)
         if self.cycle_steps is None:
             room = self.total_steps - 2
             _require(
@@ -313,11 +320,7 @@ class Cosine:
             f"must be in (0, 1], got {self.cycle_decay!r}",
         )
         check_positive_whole("cycle_limit", self.cycle_limit, " of cycles")
-        _require(
-            _is_number(self.min_lr) and 0 <= self.min_lr < self.max_lr,
-            "min_lr",
-            f"must be in [0, max_lr), got {self.min_lr!r}",
-        )
+        _check_floor(self.min_lr, self.max_lr)
         _check_momentum("momentum", self.momentum)
 
     @property
@@ -337,6 +340,76 @@ class Cosine:
         if cycle >= self.cycle_limit:
             return Hyper(self.min_lr, self.momentum)
         return Hyper(_cos(self.max_lr * self.cycle_decay**cycle, self.min_lr, into / length), self.momentum)
+
+
+@dataclass(frozen=True)
+class WSD:
+    """Warmup-stable-decay (trapezoidal): up, flat at ``max_lr``, then down over the end of the run.
+
+    The LR rises linearly from ``base_lr`` to ``max_lr`` over ``warmup_steps`` (or the share
+    ``warmup_frac`` of the run), stays there, and over the last ``decay_frac`` of the run falls to
+    ``min_lr`` (``decay`` linear, cos or sqrt), reaching it on the last step. The flat stretch
+    does not depend on when the run ends, so a run can be extended from ``decay_start`` and decay
+    later; with ``decay_frac=0`` the LR stays at ``max_lr`` after warm-up. Momentum is constant.
+    """
+
+    base_lr: float
+    max_lr: float
+    total_steps: int
+    warmup_steps: int | None = None
+    warmup_frac: float | None = None
+    decay_frac: float = 0.2
+    decay: str = "linear"
+    min_lr: float = 0.0
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_bounds(self.base_lr, self.max_lr)
+        check_positive_whole("total_steps", self.total_steps, " of steps")
+        _require(
+            self.warmup_steps is None or self.warmup_frac is None,
+            "warmup_steps",
+            "give warmup_steps (or warmup_epochs) or warmup_frac, not both",
+        )
+        if self.warmup_steps is not None:
+            _check_warmup_steps(self.warmup_steps)
+        for name in ("warmup_frac", "decay_frac"):
+            value = getattr(self, name)
+            _require(
+                (value is None and name == "warmup_frac") or (_is_number(value) and 0 <= value <= 1),
+                name,
+                f"must be a share of the run in [0, 1], got {value!r}",
+            )
+        _require(self.decay in DECAYS, "decay", f"must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        _check_floor(self.min_lr, self.max_lr)
+        _check_momentum("momentum", self.momentum)
+        _require(
+            self.warmup <= self.decay_start,
+            "decay_frac",
+            f"warm-up ({self.warmup} steps) and decay ({self.total_steps - 1 - self.decay_start} steps) "
+            f"overlap in a run of {self.total_steps} steps; shorten one",
+        )
+
+    @property
+    def warmup(self) -> int:
+        """Steps of warm-up: ``warmup_steps``, or ``warmup_frac`` of the run's intervals."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round((self.warmup_frac or 0) * (self.total_steps - 1))
+
+    @property
+    def decay_start(self) -> int:
+        """The last step at ``max_lr``: the decay's first interval begins here."""
+        return self.total_steps - 1 - round(self.decay_frac * (self.total_steps - 1))
+
+    def __call__(self, step: int) -> Hyper:
+        if step < self.warmup:
+            return Hyper(_lerp(self.base_lr, self.max_lr, step / self.warmup), self.momentum)
+        start, last = self.decay_start, self.total_steps - 1
+        if step <= start:
+            return Hyper(self.max_lr, self.momentum)
+        pct = min(1.0, (step - start) / (last - start))
+        return Hyper(DECAYS[self.decay](self.max_lr, self.min_lr, pct), self.momentum)
 
 
 @dataclass(frozen=True)

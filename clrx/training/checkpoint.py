@@ -23,6 +23,7 @@ FORMAT = 1
 DIRECTORY = "checkpoints"
 NAME = re.compile(r"step-(\d+)\.pt")
 BEST = "best.pt"  # beside the step-*.pt checkpoints; never resumed from, never pruned
+DECAY = "decay.pt"  # trainer.checkpoint_at_decay: where a WSD decay starts; resumed from by name, never pruned
 log = logging.getLogger("clrx")
 
 

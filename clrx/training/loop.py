@@ -113,14 +113,15 @@ def _write_checkpoint(
     output_dir: Path,
     node: DictConfig,
     always: bool = False,
+    name: str | None = None,
 ) -> None:
     """Everything to continue this run exactly, once its metrics so far are safely in the journal.
 
     Written where the run asks for checkpoints, and ``always`` (a run stopped by a signal) unless
-    ``trainer.keep_last=0`` turns them off.
+    ``trainer.keep_last=0`` turns them off. A ``name`` (``decay.pt``) is always written, and never pruned.
     """
     trainer = session.cfg.trainer
-    if not (checkpoint.asked_for(trainer) or (always and trainer.keep_last > 0)):
+    if name is None and not (checkpoint.asked_for(trainer) or (always and trainer.keep_last > 0)):
         return
     recorder.drain()
     store = tracker.persist()  # every point so far is in the journal; the store may lag or have failed
@@ -136,7 +137,8 @@ def _write_checkpoint(
             "config": OmegaConf.to_container(session.cfg, resolve=True),
             "policy": OmegaConf.to_container(node, resolve=True),
         }
-        path = checkpoint.path_for(output_dir / checkpoint.DIRECTORY, progress.step)
+        directory = output_dir / checkpoint.DIRECTORY
+        path = checkpoint.path_for(directory, progress.step) if name is None else directory / name
         checkpoint.save(payload, path, session.cfg.trainer.keep_last)
 
 
@@ -207,9 +209,13 @@ def fit(
         recorder.load(resumed["record"])
         bar.update(progress.step)
 
-    def save(always: bool = False) -> None:
+    def save(always: bool = False, name: str | None = None) -> None:
         progress.seconds = time.perf_counter() - start
-        _write_checkpoint(session, progress, recorder, tracker, output_dir, node, always)
+        with session.averaged():  # a schedule-free optimizer is saved at its average, as it is evaluated
+            _write_checkpoint(session, progress, recorder, tracker, output_dir, node, always, name)
+
+    # trainer.checkpoint_at_decay: the step count at which a WSD decay starts (after its epoch's evaluation).
+    decay_at = getattr(policy, "decay_start", None) if trainer.checkpoint_at_decay else None
 
     def stop(saved: bool) -> None:
         """A signal came: keep everything so far (a checkpoint, every point) and end here."""
@@ -261,15 +267,21 @@ def fit(
                 saved = bool(every and progress.step % every == 0 and mid_epoch)
                 if saved:
                     save()
+                if progress.step == decay_at and mid_epoch:
+                    save(name=checkpoint.DECAY)
                 if mid_epoch and stopping(saved):  # at an epoch's end, its evaluation comes first
                     stop(saved)
             recorder.drain()
-            if (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs:
-                evaluate(epoch + 1)
-            if accelerator.scaler is not None:
-                amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
-                tracker.metrics(amp, progress.step)
-            save()
+            due = (epoch + 1) % trainer.eval_every == 0 or epoch + 1 == trainer.epochs
+            with session.averaged(norms=due):  # evaluated and saved at the same weights
+                if due:
+                    evaluate(epoch + 1)
+                if accelerator.scaler is not None:
+                    amp = {"amp/loss_scale": accelerator.scaler.get_scale(), "amp/skipped_steps": progress.skipped}
+                    tracker.metrics(amp, progress.step)
+                save()
+                if progress.step == decay_at:
+                    save(name=checkpoint.DECAY)
             if progress.stopped is not None:
                 break
             if epoch + 1 < trainer.epochs and stopping(at_checkpoint=True):
@@ -277,6 +289,7 @@ def fit(
     finally:
         bar.close()
     progress.seconds = time.perf_counter() - start
+    session.use_averaged()  # the weights a schedule-free optimizer evaluates are the ones tested and kept
     if progress.stopped is not None:
         log.info("early stop: %s", progress.stopped)
         tracker.tags({"clrx.early_stop": progress.stopped})

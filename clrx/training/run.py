@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.schema import check_trainer
 from clrx.errors import ConfigError
+from clrx.optim import check_policy
 from clrx.param_groups import log_table
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
@@ -40,6 +41,7 @@ RESUMABLE_CHANGES = (
     "trainer.log_every",
     "trainer.checkpoint_every",
     "trainer.checkpoint_epochs",
+    "trainer.checkpoint_at_decay",
     "trainer.keep_last",
     "trainer.save_model",
     "trainer.device",
@@ -49,7 +51,14 @@ RESUMABLE_CHANGES = (
 log = logging.getLogger("clrx")
 
 
-def _check_momentum(session: Session, policy: Policy, group: str) -> None:
+def _check_policy(session: Session, policy: Policy, group: str) -> None:
+    """Refuse a policy the optimizer cannot follow: momentum it lacks, a schedule that fights its own,
+    or a checkpoint at a decay the policy does not have."""
+    check_policy(session.torch_optimizer, policy, group)
+    if session.cfg.trainer.checkpoint_at_decay and not hasattr(policy, "decay_start"):
+        raise ConfigError(
+            "trainer.checkpoint_at_decay", f"needs policy=wsd (a decay that starts), got {type(policy).__name__}"
+        )
     if session.momentum is None and policy(0).momentum is not None:
         raise ConfigError(
             f"{group}.max_momentum",
@@ -151,7 +160,7 @@ def train(
         if auto_keys(cfg.policy):
             raise ConfigError("trainer.dry_run", "auto bounds come from a range test; run policy=range_test first")
         policy = run_policy(cfg.policy, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
-        _check_momentum(session, policy, "policy")
+        _check_policy(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
     client = None if store is None else store.result()
@@ -165,7 +174,7 @@ def train(
     else:
         node = resolve_auto(session, client, output_dir, run_tags)
     policy = run_policy(node, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
-    _check_momentum(session, policy, "policy")
+    _check_policy(session, policy, "policy")
     if resumed is not None:
         run_tags["clrx.resumed_from"] = f"{path} (step {saved['step']})"
         log.info("resuming MLflow run %s from %s at step %d", saved["run_id"], path, saved["step"])

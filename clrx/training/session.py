@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -32,12 +33,14 @@ from accelerate.utils import (
 from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, default_collate
 
 from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import TOP5_ABOVE, check_launch, check_metrics, check_trainer
 from clrx.data.splits import DeviceBatches, Splits, TensorImages, build_data
 from clrx.errors import ConfigError
+from clrx.optim import effective_lr, schedule_free
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
 from clrx.training.batch_size import find_batch_size
@@ -48,6 +51,7 @@ from clrx.training.sync_bn import synchronized
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Batches = DeviceBatches | DataLoader  # in-memory data drawn where it lives; folders through Accelerate
+NORM_BATCHES = 50  # training batches that recompute batch-norm statistics at a schedule-free average (its README)
 log = logging.getLogger("clrx")
 
 
@@ -107,7 +111,7 @@ class Session:
         the step used, not what the policy meant it to use.
         """
         apply_hyper(self.optimizer, policy(step))
-        lr, momentum = self.optimizer.param_groups[0]["lr"], applied_momentum(self.optimizer)
+        lr, momentum = effective_lr(self.torch_optimizer), applied_momentum(self.optimizer)
         loss, _ = self.step(micro)
         if self.ema is not None:
             self.ema.update(self.plain_model, step=step + 1)  # timm counts updates: the first copies the weights
@@ -179,6 +183,42 @@ class Session:
         names = [f"{part}_loss", f"{part}_acc", f"{part}_acc5"]
         return {name: total / size for name, total in zip(names, totals.tolist(), strict=False)}
 
+    @contextlib.contextmanager
+    def averaged(self, norms: bool = False) -> Iterator[None]:
+        """With a schedule-free optimizer, the weights it evaluates and saves (its average x) in the model,
+        and, with ``norms``, batch-norm statistics recomputed for them; training weights back afterwards.
+
+        Nested uses switch once. Other optimizers evaluate the weights they train.
+        """
+        switched = self.use_averaged(norms)
+        try:
+            yield
+        finally:
+            if switched:
+                self.torch_optimizer.train()
+
+    def use_averaged(self, norms: bool = True) -> bool:
+        """A schedule-free optimizer's average into the model, as its README asks before evaluation:
+        ``norms`` recomputes batch-norm statistics at it over the first NORM_BATCHES training batches,
+        in a fixed order and as evaluation sees images (the running ones were taken at other weights).
+        Whether it switched: not for other optimizers, nor when already switched."""
+        if not (schedule_free(self.torch_optimizer) and self.torch_optimizer.param_groups[0]["train_mode"]):
+            return False
+        self.torch_optimizer.eval()
+        if norms:
+            batches = itertools.islice(self.norm_batches, NORM_BATCHES)
+            update_bn((self.inputs(images, train=False) for images, _ in batches), self.plain_model)
+        return True
+
+    @functools.cached_property
+    def norm_batches(self) -> Batches:
+        """The training set in order, in micro batches, each process its share: the batches ``use_averaged`` reads."""
+        if isinstance(self.train_loader, DeviceBatches):
+            where = {"rank": self.accelerator.process_index, "processes": self.accelerator.num_processes}
+            return DeviceBatches(self.data.train, self.train_loader.batch_size, self.accelerator.device, **where)
+        micro = self.cfg.trainer.batch_size // self.cfg.trainer.grad_accum
+        return self.accelerator.prepare(self.data.loader(self.data.train, micro, train=False))
+
     def inputs(self, images: torch.Tensor, train: bool) -> torch.Tensor:
         """A batch as the model takes it: augmented (training) and normalized on the device."""
         images = self.data.pipeline(images, train)
@@ -229,6 +269,8 @@ class Session:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
+        if schedule_free(self.torch_optimizer):  # saved at its average: training goes on from the weights it trains
+            self.torch_optimizer.train()
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(values, "mean")
@@ -360,6 +402,8 @@ def prepare(cfg: DictConfig, search_batch: bool = True) -> Session:
     if trainer.sync_bn and accelerator.num_processes > 1:  # before DDP wraps the model
         model = synchronized(model, accelerator.device.type == "cpu")
     optimizer = build_optimizer(cfg.optimizer, model, lr=1e-3)  # the policy sets lr every step
+    if schedule_free(optimizer):
+        optimizer.train()  # its steps are taken in training mode; evaluation switches it (Session.averaged)
     model, optimizer = accelerator.prepare(model, optimizer)
     if trainer.find_batch_size and search_batch:
         trainer.batch_size = find_batch_size(
