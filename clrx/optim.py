@@ -49,11 +49,16 @@ def effective_lr(optimizer: torch.optim.Optimizer) -> float:
     return group["lr"] * group.get("d", 1.0)
 
 
-def check_policy(optimizer: torch.optim.Optimizer, policy: Policy, group: str = "policy") -> None:
+def check_policy(optimizer: torch.optim.Optimizer, policy: Policy | type[Policy], group: str = "policy") -> None:
     """Refuse a schedule that fights the optimizer's own: a changing LR after warm-up for schedule-free optimizers
-    (a range test is a probe, not a schedule), a cycle or a range test for Prodigy, which sets the LR itself."""
+    (a range test is a probe, not a schedule), a cycle or a range test for Prodigy, which sets the LR itself.
+
+    ``policy`` may be a class only, before automatic bounds are known: its kind is checked, not its settings.
+    """
+    kind = policy if isinstance(policy, type) else type(policy)
     if schedule_free(optimizer):
-        if not (isinstance(policy, (Fixed, LRRange)) or (isinstance(policy, WSD) and policy.decay_frac == 0)):
-            raise ConfigError(group, f"schedule-free optimizers {CONSTANT}; got {type(policy).__name__}")
-    elif "d" in optimizer.param_groups[0] and not isinstance(policy, (Fixed, WSD, Cosine)):
-        raise ConfigError(group, f"Prodigy {PRODIGY}; got {type(policy).__name__}")
+        constant = issubclass(kind, WSD) and (isinstance(policy, type) or policy.decay_frac == 0)
+        if not (issubclass(kind, (Fixed, LRRange)) or constant):
+            raise ConfigError(group, f"schedule-free optimizers {CONSTANT}; got {kind.__name__}")
+    elif "d" in optimizer.param_groups[0] and not issubclass(kind, (Fixed, WSD, Cosine)):
+        raise ConfigError(group, f"Prodigy {PRODIGY}; got {kind.__name__}")

@@ -142,6 +142,8 @@ def test_a_cyclical_policy_with_a_schedule_free_optimizer_is_one_line_and_no_run
         (("optimizer=schedulefree_adamw", "policy=wsd"), "schedule-free optimizers .* got WSD"),
         (("optimizer=schedulefree_sgd", "policy=cosine"), "schedule-free optimizers .* got Cosine"),
         (("optimizer=prodigy", "policy=triangular2"), "Prodigy estimates its own LR .* got Cyclic"),
+        # before the range test that automatic bounds would run: no run at all
+        (("optimizer=schedulefree_sgd", "policy=one_cycle", "policy.max_lr=auto"), "schedule-free .* got OneCycle"),
     ],
 )
 def test_schedules_that_fight_the_optimizer_are_refused(tmp_path, store, overrides, refused):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.schema import check_trainer
@@ -172,6 +173,8 @@ def train(
     if resumed is not None and OmegaConf.to_container(cfg.policy, resolve=True) == saved["config"]["policy"]:
         node = OmegaConf.create(saved["policy"])  # automatic bounds as the interrupted run found them
     else:
+        if auto_keys(cfg.policy):  # before the range test that automatic bounds take
+            check_policy(session.torch_optimizer, get_class(cfg.policy._target_))
         node = resolve_auto(session, client, output_dir, run_tags)
     policy = run_policy(node, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
     _check_policy(session, policy, "policy")
