@@ -15,12 +15,16 @@ import logging
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.config.schema import CONF, check_added, prefer_given, register
-from clrx.errors import ClrxError, ConfigError, exit_with, one_line, user_errors
+from clrx.errors import ClrxError, ConfigError, Stopped, exit_with, one_line, user_errors
+
+if TYPE_CHECKING:
+    from clrx.training.loop import Result
 
 PROGRAM = "clrx.disciplined"
 log = logging.getLogger("clrx")
@@ -65,8 +69,13 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("disciplined.weight_decay", "tolerance must be >= 0 and stable_factor > 1")
 
 
-def run(overrides: list[str]) -> str:
-    """Every stage under one parent run; the parent ends FINISHED, or FAILED with the one-line reason."""
+class Failed(ClrxError):
+    """The procedure could not finish: no candidate was left at a stage, or the final training failed."""
+
+
+def run(overrides: list[str], parent_tags: dict[str, str] | None = None) -> Result | None:
+    """Every stage under one parent run (tagged ``parent_tags`` too); the final training's result (None where
+    it is not among the stages). The parent ends FINISHED, or FAILED with the one-line reason, raised as ``Failed``."""
     from clrx.disciplined import report
     from clrx.disciplined.procedure import Procedure
     from clrx.disciplined.rules import NoCandidate
@@ -76,8 +85,9 @@ def run(overrides: list[str]) -> str:
     cfg = compose_root(overrides)
     out = Path(cfg.disciplined.out or Path("outputs/disciplined") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S.%f"))
     client = open_store(cfg.tracking.uri or default_uri())
-    tags = context_tags({"clrx.overrides": " ".join(overrides), "clrx.output_dir": str(out.resolve())})
-    parent = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name="disciplined", tags=tags)
+    tags = {"clrx.overrides": " ".join(overrides), "clrx.output_dir": str(out.resolve()), **(parent_tags or {})}
+    name = tags.pop("mlflow.runName", "disciplined")
+    parent = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=name, tags=context_tags(tags))
     parent = parent.info.run_id
     print(f"disciplined approach: MLflow parent run {parent} at {client.tracking_uri}; folder {out}", flush=True)
     procedure = Procedure(cfg, overrides, client, parent, out)
@@ -101,17 +111,20 @@ def run(overrides: list[str]) -> str:
         text = report.write(client, parent, procedure.reports, lines, last, out)
         client.set_tag(parent, "clrx.disciplined.command", last)
         if isinstance(result, str):
-            raise ClrxError(f"the final training failed: {result}")
-    except NoCandidate as error:
+            raise Failed(f"the final training failed: {result}")
+    except (NoCandidate, Failed) as error:
         _fail(client, parent, str(error))
-        exit_with(PROGRAM, str(error), 1)
+        raise Failed(str(error)) from None
+    except (KeyboardInterrupt, Stopped) as stopped:
+        _fail(client, parent, str(stopped) or "interrupted", "KILLED")
+        raise
     except BaseException as error:
         _fail(client, parent, one_line(error) if isinstance(error, ClrxError) else f"{type(error).__name__}: {error}")
         raise
     client.set_terminated(parent, "FINISHED")
     print("\n" + text)
     print(f"report: {out / report.NAME} (also report/ on MLflow run {parent})")
-    return last
+    return result
 
 
 def _said(procedure) -> None:
@@ -119,9 +132,11 @@ def _said(procedure) -> None:
     print(f"{stage.title}: {stage.outcome}", flush=True)
 
 
-def _fail(client, parent: str, reason: str) -> None:
-    client.set_tag(parent, "clrx.failure", reason[:5000])
-    client.set_terminated(parent, "FAILED")
+def _fail(client, parent: str, reason: str, status: str = "FAILED") -> None:
+    from clrx.tracking.store import PARAM_VALUE_LIMIT
+
+    client.set_tag(parent, "clrx.failure", reason[:PARAM_VALUE_LIMIT])
+    client.set_terminated(parent, status)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     if not log.handlers:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    with user_errors(PROGRAM):
-        run(overrides)
+    with user_errors(PROGRAM):  # a config error exits 2; a procedure that ran and failed, 1
+        try:
+            run(overrides)
+        except Failed as failed:
+            exit_with(PROGRAM, str(failed), 1)
 
 
 if __name__ == "__main__":

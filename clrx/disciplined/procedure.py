@@ -107,7 +107,7 @@ class Procedure:
             "clrx.job": str(self.children),
             "clrx.overrides": " ".join(args),
             "clrx.disciplined.stage": stage,
-            "clrx.policy": "range_test" if stage == "weight_decay" or "range test" in name else "one_cycle",
+            "clrx.policy": self.policy(),
             **(tags or {}),
         }
         print(f"  {name}: training", flush=True)
@@ -136,7 +136,9 @@ class Procedure:
             print(f"  range test wd {wd:g}: reusing run {run_id} (same inputs, key {key})")
             reused = True
         else:
-            result, run_id = self.child(stage, f"range test wd {wd:g}", args, {"clrx.range_test_key": key})
+            result, run_id = self.child(
+                stage, f"range test wd {wd:g}", args, {"clrx.range_test_key": key, "clrx.policy": "range_test"}
+            )
             if isinstance(result, str):
                 self.tests[wd] = result
                 return result

@@ -34,7 +34,13 @@ def write(client: MlflowClient, parent: str, stages: list[StageReport], budget: 
             text += "\n" + markdown(stage.rows)
         if stage.run_ids:
             figure = f"stage{number}.png"
-            overlay(client, [client.get_run(run_id) for run_id in stage.run_ids]).savefig(out / figure)
+            runs = [client.get_run(run_id) for run_id in stage.run_ids]
+            drawn = overlay(client, runs)
+            if len(runs) == 1:  # a lone run is labelled by its name, not by its every override
+                for line in drawn.axes[0].get_lines():
+                    line.set_label(runs[0].info.run_name)
+                drawn.axes[0].legend(fontsize="small")
+            drawn.savefig(out / figure)
             text += f"\n![{stage.title}]({figure})\n"
             client.log_artifact(parent, str(out / figure), "report")
     text += f"\n## The last run, by hand\n\n```\n{last}\n```\n"

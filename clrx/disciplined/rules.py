@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from clrx.errors import ClrxError
 from clrx.range_test.suggest import SKIP_START
 
 
@@ -31,7 +32,7 @@ class Decision:
     why: dict[float, str]
 
 
-class NoCandidate(ValueError):
+class NoCandidate(ClrxError):
     """Every candidate of a stage failed: nothing is left to choose from."""
 
 
