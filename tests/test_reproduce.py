@@ -29,7 +29,9 @@ def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     assert all(f"| {decay} |" in text for decay in WEIGHT_DECAYS)
     verdicts = ("| holds |", "| does not hold here |", f"| {UNRESOLVED} |")
     assert sum(text.count(verdict) for verdict in verdicts) == 2 * (len(POLICIES) - 1) + 3
-    assert all(f"| wd {decay}, max_lr 1e+06 | 1e+06 | 0.0000 ± 0.0000 (1 diverged) |" in text for decay in WEIGHT_DECAYS)
+    assert all(
+        f"| wd {decay}, max_lr 1e+06 | 1e+06 | 0.0000 ± 0.0000 (1 diverged) |" in text for decay in WEIGHT_DECAYS
+    )
     assert "| disciplined procedure |" in text
     experiment = client.get_experiment_by_name("clrx").experiment_id
     [parent] = client.search_runs([experiment], "attributes.run_name = 'reproduce'")
