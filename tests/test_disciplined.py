@@ -1,14 +1,15 @@
 """The disciplined approach: its decision rules on constructed curves, and the command end to end on digits."""
 
 import math
+from pathlib import Path
 
 import pytest
 from mlflow.entities import ViewType
 
 from clrx.config.schema import compose_run
-from clrx.disciplined.__main__ import main
+from clrx.disciplined.__main__ import compose_root, main
+from clrx.disciplined.procedure import Procedure
 from clrx.disciplined.rules import (
-    Budget,
     NoCandidate,
     Reading,
     bisection,
@@ -83,16 +84,22 @@ def test_the_bisection_tries_three_times_and_a_third_and_the_lowest_val_loss_win
         choose_by_val_loss({1e-4: "diverged"})
 
 
-def test_the_default_budget_is_at_most_two_and_a_half_final_trainings():
-    """digits at the defaults: batch 71 (1437 images / 20 steps), 20 steps an epoch, 8 epochs."""
-    budget = Budget(
-        range_tests=4, range_test_steps=24, short_runs=3, short_steps=40, final_steps=160, extra_range_test=True
+@pytest.mark.parametrize("final_steps", [160, 1000, 39 * 90])  # digits' defaults; CIFAR-10's batch 512 for 90 epochs
+def test_the_default_settings_cost_at_most_two_and_a_half_final_trainings(final_steps):
+    """Priced from conf/disciplined/default.yaml as composed, every stage run, epochs to match ``final_steps``."""
+    epochs = 8 if final_steps == 160 else 90 if final_steps > 1000 else 10
+    procedure = Procedure(compose_root([f"trainer.epochs={epochs}"]), [], client=None, parent="", out=Path("."))
+    procedure.steps_per_epoch, procedure.final_steps = final_steps // epochs, final_steps
+    budget = procedure.budget()
+    assert (budget.range_tests, budget.short_runs, budget.extra_range_test) == (4, 3, True)
+    assert budget.final_steps == final_steps and budget.total <= 2.5 * final_steps
+    assert budget.lines()[-1] == (
+        f"  at most {budget.total} optimizer steps in all, {budget.total / final_steps:.2f}x the final training"
     )
-    assert budget.total == 5 * 24 + 3 * 40 + 160 and budget.total <= 2.5 * 160
-    assert (
-        budget.lines()[-1]
-        == f"  at most {budget.total} optimizer steps in all, {budget.total / 160:.2f}x the final training"
-    )
+    # a given weight decay leaves one range test (for the bounds) and no short run
+    given = Procedure(compose_root([f"trainer.epochs={epochs}"]), ["optimizer.weight_decay=1e-4"], None, "", Path("."))
+    given.steps_per_epoch, given.final_steps = procedure.steps_per_epoch, final_steps
+    assert (given.budget().range_tests, given.budget().short_runs, given.budget().extra_range_test) == (1, 0, False)
 
 
 TINY = (
