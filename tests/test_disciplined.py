@@ -100,6 +100,10 @@ def test_the_default_settings_cost_at_most_two_and_a_half_final_trainings(final_
     given = Procedure(compose_root([f"trainer.epochs={epochs}"]), ["optimizer.weight_decay=1e-4"], None, "", Path("."))
     given.steps_per_epoch, given.final_steps = procedure.steps_per_epoch, final_steps
     assert (given.budget().range_tests, given.budget().short_runs, given.budget().extra_range_test) == (1, 0, False)
+    # a range test's length given on the command line is the one priced (and run)
+    length = Procedure(compose_root(["range_test.num_iter=7"]), ["range_test.num_iter=7"], None, "", Path("."))
+    length.steps_per_epoch, length.final_steps = procedure.steps_per_epoch, final_steps
+    assert length.budget().range_test_steps == 7
 
 
 TINY = (

@@ -188,10 +188,9 @@ class Procedure:
     def budget(self) -> Budget:
         """The steps each stage may take, at most, from the settings and the batch."""
         settings, epochs = self.settings, self.cfg.trainer.epochs
-        self.range_test_steps = max(
-            settings.weight_decay.min_range_test_steps,
-            round(settings.weight_decay.range_test_share * self.final_steps),
-        )
+        share = round(settings.weight_decay.range_test_share * self.final_steps)
+        given = self.cfg.range_test.num_iter if "range_test.num_iter" in self.given else None  # the user's length wins
+        self.range_test_steps = given or max(settings.weight_decay.min_range_test_steps, share)
         self.short_epochs = max(1, round(settings.bisect.share * epochs))
         search, bisect = self.skipped("weight_decay") is None, self.skipped("bisect") is None
         bounded = self.skipped("bounds") is None
