@@ -205,7 +205,7 @@ class Procedure:
             short_runs=len(settings.bisect.factors) if bisect else 0,
             short_steps=self.short_epochs * self.steps_per_epoch,
             final_steps=self.final_steps,
-            extra_range_test=search and bisect and bounded,
+            extra_range_test=bisect and bounded,  # the bisection may move the weight decay off what was tested
             trains=self.skipped("train") is None,
         )
 
