@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test mutate ui lint format bench bench-data reproduce clean
+.PHONY: help install run disciplined test mutate ui lint format bench bench-data reproduce clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 run: install ## train one-cycle on the digits default (more overrides: make run ARGS="trainer.epochs=20")
 	$(PY) -m clrx policy=one_cycle $(ARGS)
+
+disciplined: install ## batch, weight decay, bounds, then one-cycle training, under one MLflow parent (ARGS="trainer.epochs=20 ...")
+	$(PY) -m clrx.disciplined $(ARGS)
 
 test: install ## run the test suite, one pytest-xdist worker per core
 	$(PY) -m pytest -n auto --dist worksteal

@@ -12,7 +12,8 @@ from clrx.data.splits import build_data
 from clrx.errors import ConfigError, one_line
 from clrx.schedules.policies import Hyper
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+# hydra: Hydra's own; disciplined: added by python -m clrx.disciplined alone (composed in its tests)
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "disciplined"))
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 

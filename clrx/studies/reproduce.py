@@ -3,12 +3,14 @@
     python -m clrx.studies.reproduce                          # digits, 3 seeds (make reproduce)
     python -m clrx.studies.reproduce --seeds 5 dataset=fake   # more seeds, other data: any override
 
-Three studies, every number a mean and standard deviation over seeds:
+Four studies, every number a mean and standard deviation over seeds:
 1. Table 1 of arXiv 1506.01186: fixed LR vs triangular2 vs exp_range vs one_cycle at the full and
    at half the budget; final accuracy, and the optimizer steps each needs to first reach the
    fixed policy's mean final accuracy (full budget), averaged over the seeds that reach it.
 2. The range test's bounds vs a grid of hand-picked ones, for one-cycle.
 3. Weight decay (1e-3, 1e-4, 1e-5, 0) with one-cycle and automatic bounds (arXiv 1803.09820).
+4. The disciplined procedure (``python -m clrx.disciplined``) against the best cell of a hand grid of
+   weight decay x one-cycle max_lr, both training for the same epochs.
 Each claim is then checked against the measurements and reported as holding or not at this scale.
 Writes ``reproduce.md`` and ``reproduce.png`` to ``--out`` and attaches them to the parent run.
 """
@@ -26,6 +28,8 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from clrx.config.schema import compose_run
+from clrx.disciplined.__main__ import Failed
+from clrx.disciplined.__main__ import run as disciplined_run
 from clrx.errors import TrainingDiverged, user_errors
 from clrx.tracking.report import markdown
 from clrx.tracking.store import default_uri, experiment_id, open_store
@@ -119,6 +123,24 @@ class Study:
             results.append(Trained(acc, curve, None if top is None else float(top), diverged))
         return results
 
+    def disciplined(self, epochs: int) -> list[Trained]:
+        """The disciplined procedure once a seed, its parent a child of the study's; its final training's result."""
+        results = []
+        for seed in range(self.seeds):
+            self.jobs += 1
+            folder = self.out / "runs" / f"{self.jobs:03d}-disciplined"
+            overrides = [*self.base, f"trainer.epochs={epochs}", f"trainer.seed={seed}", f"disciplined.out={folder}"]
+            tags = {"mlflow.parentRunId": self.parent, "mlflow.runName": f"disciplined seed {seed}"}
+            try:
+                result = disciplined_run(overrides, tags | {"clrx.job": str(self.jobs)})
+            except Failed:  # no candidate left, or the final training diverged: a result, as for any training
+                results.append(Trained(0.0, [], None, diverged=True))
+                continue
+            history = self.client.get_metric_history(result.run_id, "val_acc")
+            top = float(self.client.get_run(result.run_id).data.params["policy.max_lr"])
+            results.append(Trained(result.val_acc, sorted((m.step, m.value) for m in history), top))
+        return results
+
 
 def table_one(
     study: Study, epochs: int
@@ -173,6 +195,27 @@ def weight_decay(study: Study, epochs: int) -> tuple[list[dict[str, object]], di
         for decay in WEIGHT_DECAYS
     }
     return [{"weight decay": decay, "val_acc (mean ± sd)": mean_sd(r)} for decay, r in found.items()], found
+
+
+def procedure_vs_grid(
+    study: Study, epochs: int, tops: Iterable[float]
+) -> tuple[list[dict[str, object]], dict[str, list[Trained]]]:
+    """The disciplined procedure, and one-cycle at every weight decay x max_lr (base_lr a tenth), for ``epochs``."""
+    found = {"disciplined procedure": study.disciplined(epochs)}
+    for decay in WEIGHT_DECAYS:
+        for top in tops:
+            overrides = ["policy=one_cycle", f"optimizer.weight_decay={decay}", f"trainer.epochs={epochs}"]
+            overrides += [f"policy.max_lr={top}", f"policy.base_lr={top / 10}"]
+            found[f"wd {decay}, max_lr {top:g}"] = study.run(f"grid wd {decay} max_lr {top:g}", overrides)
+    rows = [
+        {
+            "one_cycle": label,
+            "max_lr (mean)": f"{top_lr(r):.3g}" if all(t.max_lr for t in r) else "",
+            "val_acc (mean ± sd)": mean_sd(r),
+        }
+        for label, r in found.items()
+    ]
+    return rows, found
 
 
 UNRESOLVED = "not resolved: within one sd"
@@ -238,6 +281,18 @@ def claims(
     return rows
 
 
+def procedure_claim(found: dict[str, list[Trained]]) -> dict[str, object]:
+    """The disciplined procedure against the best cell of the hand grid: as good (holds), worse by more than one sd
+    (does not hold), or better by more than one sd than the grid's best (holds, and said)."""
+    (label, procedure), *grid = found.items()
+    best_label, best = max(grid, key=lambda item: mean(item[1]))
+    return {
+        "claim": "the disciplined procedure is as good as the best of a hand grid (weight decay x max_lr)",
+        "measured": f"procedure {mean_sd(procedure)} vs best of {len(grid)}, {best_label}: {mean_sd(best)}",
+        "verdict": _verdict(close_to(procedure, best)),
+    }
+
+
 def figure(
     curves: dict[str, list[Trained]], bounds: dict[str, list[Trained]], decays: dict[str, list[Trained]]
 ) -> Figure:
@@ -289,15 +344,17 @@ def reproduce(args: argparse.Namespace) -> None:
         table, runs, curves = table_one(study, args.epochs)
         bound_rows, bounds = hand_picked(study, args.epochs, args.max_lrs)
         decay_rows, decays = weight_decay(study, args.epochs)
+        procedure_rows, procedure = procedure_vs_grid(study, args.epochs, args.max_lrs)
     except BaseException as error:
         client.set_tag(parent, "clrx.failure", f"{type(error).__name__}: {error}")
         client.set_terminated(parent, "FAILED")
         raise
     sections = [
-        ("Claims checked at this scale", claims(runs, args.epochs, bounds, decays)),
+        ("Claims checked at this scale", [*claims(runs, args.epochs, bounds, decays), procedure_claim(procedure)]),
         ("Fixed vs cyclical policies (arXiv 1506.01186, Table 1)", table),
         ("Range-test bounds vs hand-picked bounds, one-cycle", bound_rows),
         ("Weight decay with one-cycle (arXiv 1803.09820)", decay_rows),
+        ("The disciplined procedure vs a hand grid of weight decay x max_lr, one-cycle", procedure_rows),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     text = f"# Reproduction: {args.seeds} seeds, {args.epochs} epochs, overrides {' '.join(base)}\n"
