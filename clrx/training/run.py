@@ -26,7 +26,7 @@ from clrx.tracking.plots import schedule_figure
 from clrx.tracking.store import flatten, log_config, main_run, run_name
 from clrx.training import checkpoint
 from clrx.training.auto import auto_keys, resolve_auto
-from clrx.training.loop import Result, find_range, fit
+from clrx.training.loop import Result, fit, range_tests
 from clrx.training.session import Session, prepare
 from clrx.training.stop import STOP
 
@@ -177,7 +177,7 @@ def train(
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
         if isinstance(policy, LRRange):
-            return find_range(session, policy, tracker, output_dir, "policy")
+            return range_tests(session, policy, tracker, client, output_dir, "policy", run_tags)
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
         with STOP.deferred():  # a signal ends training at a step boundary, with a checkpoint
