@@ -127,3 +127,18 @@ def test_the_validation_subset_is_the_same_first_batches_each_time():
     assert one == session.evaluate(batches=1) and one["val_loss"] == pytest.approx(expected, rel=1e-5)
     assert one["val_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert session.evaluate(batches=10**6) == session.evaluate() != one
+
+
+def test_a_range_too_low_to_move_the_loss_says_so_in_one_line(tmp_path, store, monkeypatch, capsys):
+    uri, client = store
+    args = ["policy=range_test", "policy.num_iter=20", "policy.min_lr=1e-7", "policy.max_lr=1e-6", "trainer.device=cpu"]
+    status, err = main_in_process(
+        *args, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/run", monkeypatch=monkeypatch, capsys=capsys
+    )
+    assert status == 0, err
+    [run] = client.search_runs(client.get_experiment_by_name("clrx").experiment_id)
+    assert not [tag for tag in run.data.tags if tag.startswith("clrx.suggest.")]
+    why = run.data.tags["clrx.no_suggestion.minimum/10"]
+    assert why.startswith("no descent: the smoothed loss never fell 5% below its ")
+    log = (tmp_path / "run" / "__main__.log").read_text()
+    assert log.count(why) == 1 and f"no rule suggests bounds: {why}\n" in log and "suggestions:" not in log
