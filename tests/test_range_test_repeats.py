@@ -1,6 +1,7 @@
 """Repeated range tests under one parent run, and the range test read off the validation loss, through the CLI."""
 
 import json
+import logging
 import math
 import statistics
 
@@ -9,6 +10,7 @@ import torch
 
 from clrx.config.schema import compose_run
 from clrx.range_test.suggest import Suggestion, median_of
+from clrx.training.auto import auto_bounds
 from clrx.training.session import prepare
 from tests.conftest import main_in_process
 
@@ -142,3 +144,28 @@ def test_a_range_too_low_to_move_the_loss_says_so_in_one_line(tmp_path, store, m
     assert why.startswith("no descent: the smoothed loss never fell 5% below its ")
     log = (tmp_path / "run" / "__main__.log").read_text()
     assert log.count(why) == 1 and f"no rule suggests bounds: {why}\n" in log and "suggestions:" not in log
+
+
+def test_auto_bounds_from_repeats_take_the_medians_and_are_reused(tmp_path, store, caplog):
+    uri, client = store
+    cfg = compose_run(
+        "policy.max_lr=auto",
+        "range_test.repeats=2",
+        "range_test.num_iter=30",
+        "range_test.mode=exp",
+        "range_test.max_lr=3",
+        "trainer.device=cpu",
+        f"tracking.uri={uri}",
+    )
+    session = prepare(cfg)
+    found, rule, parent = auto_bounds(session, client, tmp_path, {})
+    children = client.search_runs(
+        [client.get_experiment_by_name("clrx").experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    assert sorted(c.data.tags["clrx.seed"] for c in children) == ["0", "1"]
+    assert not any("clrx.range_test_key" in c.data.tags for c in children)  # only the parent is the cached test
+    tops = [json.loads(c.data.tags["clrx.suggest.minimum/10"])["max_lr"] for c in children]
+    assert found["max_lr"] == statistics.median(tops) and found["base_lr"] == found["max_lr"] / cfg.range_test.div
+    with caplog.at_level(logging.INFO, "clrx"):
+        assert auto_bounds(session, client, tmp_path, {}) == (found, rule, parent)
+    assert any(m.startswith(f"reusing range test {parent}") for m in caplog.messages)
