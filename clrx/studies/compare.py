@@ -112,7 +112,8 @@ def figure(found: dict[str, dict[str, list[Trained]]]) -> Figure:
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), METRICS, strict=True):
         plot_mean_sd(ax, found[f"final {metric}"])
-        ax.set(xlabel="optimizer step", ylabel=metric, title=f"{metric} (mean ± sd over seeds)")
+        scale = "linear" if METRICS[metric][0] else "log"  # a loss spans decades early in a run
+        ax.set(xlabel="optimizer step", ylabel=metric, yscale=scale, title=f"{metric} (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
         ax.legend()
     return fig
