@@ -7,7 +7,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run disciplined test mutate ui lint format bench bench-data reproduce clean
+.PHONY: help install run disciplined test mutate ui lint format bench bench-data reproduce compare clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ bench-data: install ## input-pipeline images/s next to the training step rate; w
 reproduce: install ## the papers' claims at small scale, 3 seeds; writes reproduce/ (ARGS="--seeds 5 ...")
 	$(PY) -m clrx.studies.reproduce $(ARGS)
 
+compare: install ## schedules side by side, 3 seeds, verdicts against one-cycle; writes compare/ (ARGS="--seeds 5 ...")
+	$(PY) -m clrx.studies.compare $(ARGS)
+
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -58,4 +61,4 @@ format: install ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 clean: ## remove run outputs, reports and the local MLflow store (keeps .venv)
-	rm -rf outputs multirun mlflow.db mlartifacts bench.json throughput.json reproduce reports
+	rm -rf outputs multirun mlflow.db mlartifacts bench.json throughput.json reproduce compare reports

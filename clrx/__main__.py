@@ -171,6 +171,9 @@ def _job_tags(hydra_cfg: DictConfig) -> dict[str, str]:
 def _report_range_test(result: Result, node: DictConfig) -> None:
     log.info("range test: %d steps in %.1fs", result.steps, result.seconds)
     log.info("range test ended: %s", result.stop_reason)
+    if not result.suggestions and len(set(result.no_suggestion.values())) == 1:  # one reason for every rule
+        log.info("no rule suggests bounds: %s", next(iter(result.no_suggestion.values())))
+        return
     log.info("suggestions:")
     for rule, suggestion in result.suggestions.items():
         base = "" if suggestion.base_lr is None else f"base_lr {suggestion.base_lr:.3g}, "

@@ -103,6 +103,10 @@ def test_pct_start_given_on_the_command_line_replaces_the_presets_annihilate_pct
         (["policy.max_lr=0.01"], "policy.base_lr"),
         (["policy=multistage", "+policy.stages.0.length=3"], "policy.stages[0].length"),
         (["policy=multistage", "policy.stages.1.policy.base_lr=1.0"], "policy.stages[1].policy.base_lr"),
+        (["policy=range_test", "policy.skip_start=1.0"], "policy.skip_start"),
+        (["policy=range_test", "policy.metric=val_acc"], "policy.metric"),
+        (["policy=range_test", "policy.repeats=0"], "policy.repeats"),
+        (["policy=range_test", "policy.val_every=5", "policy.val_batches=0"], "policy.val_batches"),
     ],
 )
 def test_bad_policy_settings_fail_with_the_full_key(overrides, setting):

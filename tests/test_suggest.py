@@ -5,7 +5,7 @@ import math
 import pytest
 
 from clrx.range_test.curve import Curve, Smoother
-from clrx.range_test.suggest import Suggestion, bounds, smoothed_accuracy, suggest
+from clrx.range_test.suggest import Suggestion, bounds, read, smoothed_accuracy, suggest
 
 
 def _curve(mode, lrs, smoothed, accuracy=None, val_accuracy=None):
@@ -45,11 +45,12 @@ def test_loss_rules_on_an_exp_curve():
     assert found["minimum/10"].why == "a tenth of the lowest loss's lr 0.316"
 
 
-def test_the_slope_at_the_first_usable_point_counts():
-    """Ten points skip one; the fall from the spike at 0 to point 2 is the slope at point 1, the steepest."""
+def test_the_skipped_spike_enters_no_slope():
+    """Ten points skip one; the fall from the spike at 0 is not a slope: point 1 has no left neighbour read."""
     losses = [9.0, 5.0, 3.0, 2.8, 2.7, 2.6, 2.5, 2.4, 2.3, 2.9]
     found = suggest(_curve("linear", [0.1 * (i + 1) for i in range(10)], losses))
-    assert found["steepest"].max_lr == pytest.approx(0.2)
+    # (s[i+1] - s[i-1]) / 0.2 at points 2..7: -11.0 -1.5 -1.0 ...; with point 0 read, point 1 would give -30.
+    assert found["steepest"].max_lr == pytest.approx(0.3)
 
 
 def test_a_curve_still_falling_at_its_end():
@@ -85,11 +86,15 @@ def test_loss_rules_on_a_linear_curve_measure_slopes_in_lr():
     assert found["valley"].max_lr == pytest.approx(0.3)
 
 
-def test_a_curve_whose_lowest_point_is_the_first_usable_one():
-    """No interior point to take a slope at: steepest falls back to the lowest point."""
-    found = suggest(_curve("linear", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0]))
-    assert found["steepest"].max_lr == 0.1 and found["valley"].max_lr == 0.1
-    assert found["minimum/10"].max_lr == pytest.approx(0.01)
+def test_a_curve_without_descent_gives_no_suggestion():
+    """Rising from the first point read: every rule says there is nothing to read, none picks a point."""
+    suggestions, why = read(_curve("linear", [0.1, 0.2, 0.3], [1.0, 2.0, 3.0], [0.1, 0.2, 0.3]), "policy.")
+    assert suggestions == {}
+    assert set(why) == {"paper", "steepest", "minimum/10", "valley"} and len(set(why.values())) == 1
+    assert why["steepest"] == (
+        "no descent: the smoothed loss never fell 5% below its 1 at lr 0.1 (step 0); "
+        "widen the range (policy.min_lr, policy.max_lr) or raise policy.num_iter"
+    )
 
 
 LINEAR_LRS = [0.1 * (i + 1) for i in range(10)]
@@ -112,8 +117,9 @@ def test_paper_rule_prefers_three_validation_points_over_batch_accuracy():
     # Rise 0.8 from point 2: 10% (>= 0.18) at point 4, 90% (>= 0.82) at point 8.
     assert (paper.base_lr, paper.max_lr) == (pytest.approx(0.5), pytest.approx(0.9))
     assert paper.why.startswith("validation accuracy")
-    two = suggest(_curve("linear", LINEAR_LRS, LINEAR_LOSSES, accuracy, {4: 0.3, 6: 0.8}))["paper"]
-    assert two.why.startswith("smoothed batch accuracy")  # two validation points are not a curve
+    two = read(_curve("linear", LINEAR_LRS, LINEAR_LOSSES, accuracy, {4: 0.3, 6: 0.8}))[1]["paper"]
+    # two validation points are not a curve: the flat batch accuracy is read, and has no rise
+    assert two == "smoothed batch accuracy never rose above its 0.5 at step 1 before the loss minimum"
     three = suggest(_curve("linear", LINEAR_LRS, LINEAR_LOSSES, accuracy, {2: 0.1, 4: 0.3, 8: 0.9}))["paper"]
     assert three.why == "validation accuracy: 10% of its rise at lr 0.5, 90% at 0.9" and three.rule == "paper"
 
@@ -197,20 +203,20 @@ def test_rows_hold_every_step_with_blanks_where_nothing_was_measured(tmp_path):
     curve = Curve("linear", beta=0.0, stop_factor=4.0)
     curve.add(0.1, 2.0, 0.25)
     curve.add(0.2, 1.5)
-    curve.val_accuracy[1] = 0.5
+    curve.val_accuracy[1], curve.val_loss[1] = 0.5, 0.7
     assert curve.rows() == [
-        {"step": 0, "lr": 0.1, "loss": 2.0, "smoothed_loss": 2.0, "accuracy": 0.25, "val_accuracy": ""},
-        {"step": 1, "lr": 0.2, "loss": 1.5, "smoothed_loss": 1.5, "accuracy": "", "val_accuracy": 0.5},
+        {"step": 0, "lr": 0.1, "loss": 2.0, "smoothed_loss": 2.0, "accuracy": 0.25, "val_accuracy": "", "val_loss": ""},
+        {"step": 1, "lr": 0.2, "loss": 1.5, "smoothed_loss": 1.5, "accuracy": "", "val_accuracy": 0.5, "val_loss": 0.7},
     ]
     curve.write_csv(tmp_path / "curve.csv")
     single = Curve("linear", beta=0.0, stop_factor=4.0)
     single.add(0.1, 2.0)
     single.write_csv(tmp_path / "single.csv")
-    assert (tmp_path / "single.csv").read_text().splitlines()[1] == "0,0.1,2.0,2.0,,"
+    assert (tmp_path / "single.csv").read_text().splitlines()[1] == "0,0.1,2.0,2.0,,,"
     assert (tmp_path / "curve.csv").read_text().splitlines() == [
-        "step,lr,loss,smoothed_loss,accuracy,val_accuracy",
-        "0,0.1,2.0,2.0,0.25,",
-        "1,0.2,1.5,1.5,,0.5",
+        "step,lr,loss,smoothed_loss,accuracy,val_accuracy,val_loss",
+        "0,0.1,2.0,2.0,0.25,,",
+        "1,0.2,1.5,1.5,,0.5,0.7",
     ]
 
 
@@ -219,3 +225,88 @@ def test_valley_of_a_run_from_the_first_usable_point_stays_in_the_usable_part():
     # start one before it, -1; a third of 2 is 0, so the pick would be index -1, the highest lr: it is point 0.
     found = suggest(_curve("linear", [0.1, 0.2], [2.0, 1.0]))
     assert found["valley"].max_lr == 0.1
+
+
+# 50 points from lr 1e-5 up by a tenth of a decade: a logistic fall of 2 centred at lr 10**-2.5, a rise past 10**-1.
+SPIKE_LRS = [10 ** (-5 + i / 10) for i in range(50)]
+
+
+def _fall(lr):
+    x = math.log10(lr)
+    return 2.3 - 2.0 / (1 + math.exp(-(x + 2.5) * 3)) + (4.0 * (x + 1) if x > -1 else 0.0)
+
+
+def test_an_early_spike_is_skipped_and_would_otherwise_be_picked():
+    losses = [_fall(lr) for lr in SPIKE_LRS]
+    losses[1], losses[2] = 0.01, 9.0  # a dip below any later loss, then a jump: both in the first 10% (5 points)
+    found = suggest(_curve("exp", SPIKE_LRS, losses))
+    assert found["steepest"].max_lr == pytest.approx(10**-2.5)  # the logistic's steepest point, in log(lr)
+    lowest = min(range(5, 50), key=lambda i: losses[i])
+    assert found["minimum/10"].max_lr == pytest.approx(SPIKE_LRS[lowest] / 10) and SPIKE_LRS[lowest] > 10**-2
+    unskipped = suggest(_curve("exp", SPIKE_LRS, losses), skip_start=0.0)
+    assert unskipped["minimum/10"].max_lr == pytest.approx(SPIKE_LRS[1] / 10)  # read, the dip is the minimum
+    assert unskipped["steepest"].max_lr == pytest.approx(SPIKE_LRS[1])  # and the fall from 9 into it the steepest
+
+
+@pytest.mark.parametrize("tail", [[math.nan] * 5, [math.inf, math.nan], [math.nan, 0.001, math.nan]])
+def test_non_finite_points_are_never_picked(tail):
+    """A NaN or inf tail, even one around a finite value lower than any: the picks of the curve without it."""
+    losses = [_fall(lr) for lr in SPIKE_LRS[:40]]
+    clean = suggest(_curve("exp", SPIKE_LRS[:40], losses), skip_start=0.1)
+    lrs = SPIKE_LRS[: 40 + len(tail)]
+    tailed = suggest(_curve("exp", lrs, losses + tail), skip_start=0.1 * 40 / len(lrs))  # the same 4 points skipped
+    if math.isfinite(min(tail, key=lambda v: v if math.isfinite(v) else math.inf)):
+        assert tailed["minimum/10"].max_lr == pytest.approx(lrs[41] / 10)  # a finite point in the tail is a point
+    else:
+        assert tailed == clean
+    assert all(math.isfinite(s.max_lr) for s in tailed.values())
+
+
+def test_a_curve_of_non_finite_losses_says_so():
+    suggestions, why = read(_curve("exp", SPIKE_LRS[:10], [math.nan] * 10), "policy.")
+    assert suggestions == {} and why["valley"] == (
+        "needs >= 2 finite smoothed loss points after the first 0.1 of the steps (step 1), got 0; "
+        "raise policy.num_iter or lower policy.skip_start"
+    )
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.01])
+def test_a_plateau_has_no_descent(noise):
+    """A flat loss with noise under 5% of it: no rule picks its noise."""
+    losses = [2.3 + noise * math.sin(7.0 * i) for i in range(50)]
+    suggestions, why = read(_curve("exp", SPIKE_LRS, losses))
+    assert suggestions == {} and all(reason.startswith("no descent") for reason in why.values())
+
+
+def test_a_plateau_then_a_fall_is_read_in_the_fall():
+    losses = [2.3] * 25 + [2.3 - 0.1 * i for i in range(1, 21)] + [1.0 + i for i in range(5)]
+    found = suggest(_curve("exp", SPIKE_LRS, losses))
+    assert found["minimum/10"].max_lr == pytest.approx(SPIKE_LRS[44] / 10)  # 0.3, the end of the fall
+    assert SPIKE_LRS[25] <= found["valley"].max_lr <= SPIKE_LRS[44]
+    assert SPIKE_LRS[25] <= found["steepest"].max_lr <= SPIKE_LRS[44]
+
+
+def test_slopes_are_taken_against_log_lr_for_exp_sweeps_and_lr_for_linear_ones():
+    """The same points: a fall of 1.0 around point 3 is steepest in log(lr), where the step is even; in lr the
+    fall of 0.6 around point 2 is, its lr step being ten times smaller."""
+    lrs = [10 ** (-4 + i / 2) for i in range(11)]
+    losses = [3.0, 3.0, 2.9, 2.4, 1.9, 1.8, 1.7, 1.6, 1.5, 2.0, 3.0]
+    # in log(lr): (s[i+1] - s[i-1]) / ln(10): point 2 -0.6, point 3 -1.0, point 4 -0.6: point 3
+    assert suggest(_curve("exp", lrs, losses))["steepest"].max_lr == pytest.approx(10**-2.5)
+    # in lr: point 2 -0.6 / (10**-2.5 - 10**-3.5) = -211, point 3 -1.0 / (10**-2 - 10**-3) = -111: point 2
+    assert suggest(_curve("linear", lrs, losses))["steepest"].max_lr == pytest.approx(10**-3)
+
+
+def test_the_validation_loss_is_read_where_it_was_measured():
+    """metric val_loss: the rules read the validation points, not the training loss (here falling to the end)."""
+    lrs = [0.01 * (i + 1) for i in range(40)]
+    curve = _curve("linear", lrs, [3.0 - 0.05 * i for i in range(40)])
+    curve.val_loss = {4: 2.5, 9: 2.4, 14: 1.6, 19: 1.2, 24: 1.1, 29: 1.5, 34: 4.0, 39: math.nan}
+    found = suggest(curve, metric="val_loss")
+    assert found["minimum/10"].max_lr == pytest.approx(0.025)  # lowest 1.1 at step 24
+    # central differences over 0.1 of lr at steps 9..24: -9 -12 -5 +3: steepest at step 14
+    assert (
+        found["steepest"].max_lr == pytest.approx(0.15)
+        and found["steepest"].why == "fastest fall of the validation loss"
+    )
+    assert suggest(curve)["minimum/10"].max_lr == pytest.approx(0.04)  # the training loss: lowest at lr 0.4

@@ -26,7 +26,7 @@ class Smoother:
 
 @dataclass
 class Curve:
-    """Per-step LR, raw and smoothed loss, batch accuracy; validation accuracy where measured."""
+    """Per-step LR, raw and smoothed loss, batch accuracy; validation accuracy and loss where measured."""
 
     mode: str
     beta: float
@@ -36,6 +36,7 @@ class Curve:
     smoothed: list[float] = field(default_factory=list)
     accuracy: list[float | None] = field(default_factory=list)
     val_accuracy: dict[int, float] = field(default_factory=dict)
+    val_loss: dict[int, float] = field(default_factory=dict)
     stop_reason: str | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +67,7 @@ class Curve:
                 "smoothed_loss": self.smoothed[step],
                 "accuracy": "" if self.accuracy[step] is None else self.accuracy[step],
                 "val_accuracy": self.val_accuracy.get(step, ""),
+                "val_loss": self.val_loss.get(step, ""),
             }
             for step in range(len(self.lrs))
         ]

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def range_figure(curve: Curve, suggestions: dict[str, Suggestion]) -> Figure:
-    """Loss (raw and smoothed) and accuracy against the LR, the suggested bounds marked."""
+def range_figure(curve: Curve, suggestions: dict[str, Suggestion], metric: str = "loss") -> Figure:
+    """Loss (raw and smoothed; the validation loss where the rules read it) and accuracy against the LR,
+    the suggested bounds marked."""
     from matplotlib.figure import Figure  # a second of import: only when a figure is drawn
 
     figure = Figure(figsize=(8, 7), layout="constrained")
@@ -26,7 +27,10 @@ def range_figure(curve: Curve, suggestions: dict[str, Suggestion]) -> Figure:
         loss_ax.set_ylim(
             min(low, min(curve.smoothed)) * 0.95, min(high, curve.stop_factor * min(curve.smoothed)) * 1.05
         )
-    loss_ax.set_ylabel("training loss")
+    if metric == "val_loss" and curve.val_loss:
+        steps = sorted(curve.val_loss)
+        loss_ax.plot([curve.lrs[s] for s in steps], [curve.val_loss[s] for s in steps], marker="o", label="val_loss")
+    loss_ax.set_ylabel("loss")
     accuracy = smoothed_accuracy(curve)
     if accuracy is not None:
         steps, values = accuracy

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,13 +25,13 @@ def run_range_test(
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Any],
     train_step: Callable[[Any], tuple[float, float | None]],
-    evaluate: Callable[[], float] | None = None,
+    evaluate: Callable[[], Mapping[str, float]] | None = None,
     on_step: Callable[[int, Hyper, Curve], None] | None = None,
 ) -> Curve:
     """Step through ``policy`` until it ends or the loss diverges; the curve it leaves.
 
     ``train_step(batch)`` does one optimizer step and returns (loss, batch accuracy or None).
-    ``evaluate()`` returns validation accuracy, asked every ``policy.val_every`` steps.
+    ``evaluate()`` returns ``val_acc`` and ``val_loss``, asked every ``policy.val_every`` steps.
     """
     curve = Curve(policy.mode, policy.beta, policy.stop_factor)
     for step in range(policy.num_iter):
@@ -40,7 +40,8 @@ def run_range_test(
         loss, accuracy = train_step(next(batches))
         stop = curve.add(hyper.lr, loss, accuracy)
         if evaluate is not None and policy.val_every and (step + 1) % policy.val_every == 0 and not stop:
-            curve.val_accuracy[step] = evaluate()
+            scores = evaluate()
+            curve.val_accuracy[step], curve.val_loss[step] = scores["val_acc"], scores["val_loss"]
         if on_step is not None:
             on_step(step, hyper, curve)
         if stop:
@@ -84,7 +85,7 @@ def lr_range_test(
         if saved is not None:
             model.load_state_dict(saved[0])
             optimizer.load_state_dict(saved[1])
-    return curve, suggest(curve)
+    return curve, suggest(curve, policy.skip_start)
 
 
 def batch_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float | None:

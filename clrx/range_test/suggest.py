@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 
 from clrx.range_test.curve import Curve, Smoother
+from clrx.schedules.policies import RANGE_RULES as RULES
 
-# The curve before this share of its points is too noisy to read bounds from.
+# The default share of the curve's steps, from its start, that no rule reads: the first steps' spike
+# (a fresh model's loss jumps and dips before it settles) is not a descent. ``range_test.skip_start``.
 SKIP_START = 0.1
+# A descent: the loss read falls at least this share below its value at the first point read.
+MIN_DROP = 0.05
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,15 @@ def smoothed_accuracy(curve: Curve) -> tuple[list[int], list[float]] | None:
     return list(range(len(curve.accuracy))), [smooth(a) for a in curve.accuracy]
 
 
+def loss_series(curve: Curve, metric: str = "loss") -> tuple[list[int], list[float]]:
+    """(steps, values) the loss rules read: the smoothed training loss at every step, or the validation
+    loss at the steps where it was measured (``val_loss``)."""
+    if metric == "val_loss":
+        steps = sorted(curve.val_loss)
+        return steps, [curve.val_loss[s] for s in steps]
+    return list(range(len(curve.smoothed))), list(curve.smoothed)
+
+
 def _paper(curve: Curve, usable: range, group: str) -> Suggestion | str:
     """Smith's reading of the accuracy curve: base where it starts to rise, max where the rise slows.
 
@@ -47,7 +61,7 @@ def _paper(curve: Curve, usable: range, group: str) -> Suggestion | str:
     if accuracy is None:
         return "needs an accuracy curve; the outputs were not class scores for integer labels"
     steps, values = accuracy
-    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if usable.start <= s < usable.stop]
+    pairs = [(s, v) for s, v in zip(steps, values, strict=True) if s in usable and math.isfinite(v)]
     what = "validation accuracy" if len(curve.val_accuracy) >= 3 else "smoothed batch accuracy"
     if len(pairs) < 2:
         fix = f"lower {group}val_every" if what.startswith("validation") else f"lower {group}min_lr"
@@ -57,6 +71,8 @@ def _paper(curve: Curve, usable: range, group: str) -> Suggestion | str:
         )
     best = max(range(len(pairs)), key=lambda i: pairs[i][1])
     start, rise = pairs[0][1], pairs[best][1] - pairs[0][1]
+    if rise <= 0:
+        return f"{what} never rose above its {start:.3g} at step {pairs[0][0]} before the loss minimum"
 
     def first_reaching(share: float) -> int:
         return next(s for s, v in pairs[: best + 1] if v - start >= share * rise)
@@ -68,9 +84,8 @@ def _paper(curve: Curve, usable: range, group: str) -> Suggestion | str:
     return Suggestion("paper", curve.lrs[top], curve.lrs[base], why)
 
 
-def _valley(smoothed: list[float], usable: range) -> int:
-    """fastai's valley: two thirds into the longest stretch over which the loss keeps falling."""
-    values = [smoothed[i] for i in usable]
+def _valley(values: list[float]) -> int:
+    """fastai's valley: two thirds into the longest stretch over which the loss keeps falling (an index of values)."""
     longest = [1] * len(values)
     start, end = 0, 0
     for i in range(1, len(values)):
@@ -80,42 +95,99 @@ def _valley(smoothed: list[float], usable: range) -> int:
         if longest[i] > longest[end]:
             end, start = i, i - longest[i]  # fastai's start: one before the run
     third = (end - start) / 3
-    return usable.start + max(start + int(third) + int(third / 2), 0)  # a short run: never before the usable part
+    return max(start + int(third) + int(third / 2), 0)  # a short run: never before the first value
 
 
-def suggest(curve: Curve) -> dict[str, Suggestion]:
-    """Every rule's suggestion; the noisy first 10% of the points and the divergence are ignored."""
-    return read(curve)[0]
+def _steepest(points: list[tuple[int, float]], x: list[float], lowest: int) -> int:
+    """The point (an index of ``points``) where the loss falls fastest against x, up to the lowest point.
+
+    Central differences between a point's neighbours among the points read; with no interior point, or
+    none falling, the lowest point.
+    """
+    slopes = {
+        i: (points[i + 1][1] - points[i - 1][1]) / (x[points[i + 1][0]] - x[points[i - 1][0]])
+        for i in range(1, min(lowest + 1, len(points) - 1))
+    }
+    steep = min(slopes, key=slopes.get, default=lowest)
+    return steep if slopes.get(steep, -1.0) < 0 else lowest
 
 
-def read(curve: Curve, group: str = "") -> tuple[dict[str, Suggestion], dict[str, str]]:
+def suggest(curve: Curve, skip_start: float = SKIP_START, metric: str = "loss") -> dict[str, Suggestion]:
+    """Every rule's suggestion; the first ``skip_start`` of the steps and the divergence are ignored."""
+    return read(curve, skip_start=skip_start, metric=metric)[0]
+
+
+def read(
+    curve: Curve, group: str = "", skip_start: float = SKIP_START, metric: str = "loss"
+) -> tuple[dict[str, Suggestion], dict[str, str]]:
     """(each rule's suggestion, why each other rule gave none); ``group`` (``policy.``) prefixes settings named.
 
+    Every rule reads the points from step ``skip_start * steps`` on whose value is finite (a NaN or
+    infinite loss is never a pick), up to the lowest of them. Slopes are taken against log(lr) for an
+    ``exp`` sweep, against lr for a ``linear`` one. A curve whose loss never falls ``MIN_DROP`` below
+    its first point read has no descent: then no rule suggests anything, and each says so.
     ``paper`` (accuracy-based) needs an accuracy curve with at least two points before the loss's
-    minimum; the loss-based ``steepest``, ``minimum/10`` and ``valley`` need only the loss.
+    minimum; the loss-based ``steepest``, ``minimum/10`` and ``valley`` need only the loss (``metric``).
     """
-    count = len(curve.smoothed)
-    skip = int(count * SKIP_START) if count >= 10 else 0
-    lowest = min(range(skip, count), key=lambda i: curve.smoothed[i])
-    usable = range(skip, lowest + 1)
+    first = int(len(curve.lrs) * skip_start)
+    what = "validation loss" if metric == "val_loss" else "smoothed loss"
+    points = [(s, v) for s, v in zip(*loss_series(curve, metric), strict=True) if s >= first and math.isfinite(v)]
+    if len(points) < 2:
+        fix = f"lower {group}val_every or " if metric == "val_loss" else ""
+        why = (
+            f"needs >= 2 finite {what} points after the first {skip_start:g} of the steps (step {first}), "
+            f"got {len(points)}; {fix}raise {group}num_iter or lower {group}skip_start"
+        )
+        return {}, dict.fromkeys(RULES, why)
+    lowest = min(range(len(points)), key=lambda i: points[i][1])
+    (start_step, start), low = points[0], points[lowest][1]
+    if start - low < MIN_DROP * abs(start):
+        why = (
+            f"no descent: the {what} never fell {MIN_DROP:.0%} below its {start:.3g} at lr {curve.lrs[start_step]:.3g} "
+            f"(step {start_step}); widen the range ({group}min_lr, {group}max_lr) or raise {group}num_iter"
+        )
+        return {}, dict.fromkeys(RULES, why)
     x = [math.log(lr) if curve.mode == "exp" else lr for lr in curve.lrs]
-    slopes = {
-        i: (curve.smoothed[i + 1] - curve.smoothed[i - 1]) / (x[i + 1] - x[i - 1])
-        for i in range(max(usable.start, 1), min(usable.stop, count - 1))
-    }
-    steep = min(slopes, key=slopes.get) if slopes else lowest
+    lowest_step = points[lowest][0]
+    low_lr = curve.lrs[lowest_step]
+    steep = points[_steepest(points, x, lowest)][0]
+    valley = points[_valley([v for _, v in points[: lowest + 1]])][0]
     found = {
-        "paper": _paper(curve, usable, group),
-        "steepest": Suggestion("steepest", curve.lrs[steep], why="fastest fall of the smoothed loss"),
-        "minimum/10": Suggestion(
-            "minimum/10", curve.lrs[lowest] / 10, why=f"a tenth of the lowest loss's lr {curve.lrs[lowest]:.3g}"
-        ),
-        "valley": Suggestion("valley", curve.lrs[_valley(curve.smoothed, usable)], why="fastai's valley"),
+        "paper": _paper(curve, range(first, lowest_step + 1), group),
+        "steepest": Suggestion("steepest", curve.lrs[steep], why=f"fastest fall of the {what}"),
+        "minimum/10": Suggestion("minimum/10", low_lr / 10, why=f"a tenth of the lowest loss's lr {low_lr:.3g}"),
+        "valley": Suggestion("valley", curve.lrs[valley], why="fastai's valley"),
     }
     return (
         {rule: given for rule, given in found.items() if isinstance(given, Suggestion)},
         {rule: why for rule, why in found.items() if isinstance(why, str)},
     )
+
+
+def median_of(
+    readings: list[tuple[dict[str, Suggestion], dict[str, str]]],
+) -> tuple[dict[str, Suggestion], dict[str, str]]:
+    """Repeated tests read as one: each rule's median suggestion, its spread (min-max) in ``why``.
+
+    A rule counts where it gave a suggestion; one that gave none in any repeat says why (the first's reason).
+    A lower bound is the median of the repeats' lower bounds.
+    """
+    suggestions, no_suggestion = {}, {}
+    for rule in RULES:
+        given = [found[rule] for found, _ in readings if rule in found]
+        reasons = [why[rule] for _, why in readings if rule in why]
+        if not given:
+            no_suggestion.update({rule: reasons[0]} if reasons else {})
+            continue
+        tops = [s.max_lr for s in given]
+        bases = [s.base_lr for s in given if s.base_lr is not None]
+        base = statistics.median(bases) if bases else None
+        spread = f"max_lr {min(tops):.3g}-{max(tops):.3g}"
+        if bases:
+            spread += f", base_lr {min(bases):.3g}-{max(bases):.3g}"
+        why = f"median of {len(given)}/{len(readings)} repeats ({spread})"
+        suggestions[rule] = Suggestion(rule, statistics.median(tops), base, why)
+    return suggestions, no_suggestion
 
 
 def bounds(suggestions: dict[str, Suggestion], rule: str, div: float, scale: float = 1.0) -> tuple[float, float]:

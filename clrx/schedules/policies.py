@@ -20,6 +20,7 @@ from clrx.errors import ConfigError, check_positive_whole
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 RANGE_MODES = ("linear", "exp")
 RANGE_RULES = ("paper", "steepest", "minimum/10", "valley")
+RANGE_METRICS = ("loss", "val_loss")  # what the loss rules read: smoothed training loss, or validation loss
 PAPER_ANNIHILATE_PCT = 0.1  # Smith 2018: the last few percent of the run, e.g. 10-15%
 
 # Shape of a cycle's rise, 1 at the peak (x = 0) and 0 at the bounds (x = 1): the paper's three windows.
@@ -456,7 +457,11 @@ class LRRange:
     loss exceeds ``stop_factor`` times its minimum. ``val_every`` > 0 also measures validation
     accuracy every that many steps, the curve the paper reads its bounds from. ``rule`` picks the
     suggestion turned into bounds; rules without a lower bound use ``max_lr / div``; ``scale``
-    multiplies both bounds (a grid of 0.5x, 1x, 2x the suggestion, say).
+    multiplies both bounds (a grid of 0.5x, 1x, 2x the suggestion, say). No rule reads the first
+    ``skip_start`` share of the steps (the first steps' spike). ``metric`` ``val_loss`` reads the loss
+    rules off the validation loss measured every ``val_every`` steps on the first ``val_batches``
+    validation batches (the same ones each time; null: all).
+    ``repeats`` > 1 runs the test that many times (seeds ``trainer.seed`` on) and reads the median.
     """
 
     min_lr: float
@@ -470,6 +475,10 @@ class LRRange:
     rule: str = "minimum/10"
     div: float = 4.0
     scale: float = 1.0
+    skip_start: float = 0.1
+    metric: str = "loss"
+    val_batches: int | None = None
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         _check_lr("min_lr", self.min_lr)
@@ -493,6 +502,29 @@ class LRRange:
         _require(self.rule in RANGE_RULES, "rule", f"must be one of {', '.join(RANGE_RULES)}, got {self.rule!r}")
         _require(_is_number(self.div) and self.div > 1, "div", f"must be a number above 1, got {self.div!r}")
         _require(_is_number(self.scale) and self.scale > 0, "scale", f"must be a positive number, got {self.scale!r}")
+        _require(
+            _is_number(self.skip_start) and 0 <= self.skip_start < 1,
+            "skip_start",
+            f"must be a share of the steps in [0, 1), got {self.skip_start!r}",
+        )
+        _require(
+            self.metric in RANGE_METRICS, "metric", f"must be one of {', '.join(RANGE_METRICS)}, got {self.metric!r}"
+        )
+        _require(
+            self.metric != "val_loss" or self.val_every > 0,
+            "val_every",
+            "must be above 0 with metric=val_loss: the validation loss is measured every val_every steps",
+        )
+        _require(
+            self.val_batches is None or (isinstance(self.val_batches, int) and self.val_batches > 0),
+            "val_batches",
+            f"must be a whole number above 0, or null (the whole validation set), got {self.val_batches!r}",
+        )
+        _require(
+            isinstance(self.repeats, int) and self.repeats >= 1,
+            "repeats",
+            f"must be a whole number >= 1, got {self.repeats!r}",
+        )
 
     def __call__(self, step: int) -> Hyper:
         pct = min(1.0, step / (self.num_iter - 1))

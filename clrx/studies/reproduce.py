@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
@@ -108,6 +110,7 @@ class Study:
             tags = {
                 "mlflow.parentRunId": self.parent,
                 "mlflow.runName": f"{name} seed {seed}",
+                "clrx.study_entry": name,
                 "clrx.job": str(self.jobs),
                 "clrx.overrides": " ".join(job_overrides),
             }
@@ -293,21 +296,26 @@ def procedure_claim(found: dict[str, list[Trained]]) -> dict[str, object]:
     }
 
 
+def plot_mean_sd(ax: Axes, curves: dict[str, list[Trained]]) -> None:
+    """Each name's curve by step, the mean over its seeds that finished, a band of one sd around it."""
+    for name, results in curves.items():
+        finished = [r for r in results if not r.diverged and r.curve]
+        if not finished:
+            continue
+        steps = [step for step, _ in finished[0].curve]
+        values = numpy.array([[value for _, value in r.curve] for r in finished])
+        means, sds = values.mean(axis=0), values.std(axis=0, ddof=1 if len(finished) > 1 else 0)
+        ax.plot(steps, means, marker="o", label=name)
+        ax.fill_between(steps, means - sds, means + sds, alpha=0.2)
+
+
 def figure(
     curves: dict[str, list[Trained]], bounds: dict[str, list[Trained]], decays: dict[str, list[Trained]]
 ) -> Figure:
     """Three panels: accuracy by step per policy, accuracy against one-cycle's max_lr, against weight decay."""
     fig = Figure(figsize=(15, 4.5), layout="constrained")
     by_step, by_lr, by_decay = fig.subplots(1, 3)
-    for name, results in curves.items():
-        finished = [r for r in results if not r.diverged]
-        if not finished:
-            continue
-        steps = [step for step, _ in finished[0].curve]
-        values = numpy.array([[value for _, value in r.curve] for r in finished])
-        means, sds = values.mean(axis=0), values.std(axis=0, ddof=1 if len(finished) > 1 else 0)
-        by_step.plot(steps, means, marker="o", label=name)
-        by_step.fill_between(steps, means - sds, means + sds, alpha=0.2)
+    plot_mean_sd(by_step, curves)
     by_step.set(xlabel="optimizer step", ylabel="validation accuracy", title="policies (mean ± sd over seeds)")
     (auto_label, auto), *picked = bounds.items()
     tops = [top_lr(results) for _, results in picked]
@@ -331,41 +339,53 @@ def _lrs(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.1,0.3,1; got {text!r}") from None
 
 
-def reproduce(args: argparse.Namespace) -> None:
-    """Every study under one parent run; the parent ends FAILED with the reason if one stops."""
-    base = ["trainer.progress=false", "trainer.save_model=false", *args.overrides]
+@contextmanager
+def parent_study(name: str, overrides: list[str], seeds: int, out: Path) -> Iterator[Study]:
+    """A study whose runs are children of a new parent run ``name``; the parent ends FAILED, the reason
+    tagged, if the body raises (``publish`` ends it FINISHED)."""
+    base = ["trainer.progress=false", "trainer.save_model=false", *overrides]
     cfg = compose_run(*base)
     client = open_store(cfg.tracking.uri or default_uri())
     parent = client.create_run(
-        experiment_id(client, cfg.tracking.experiment), run_name="reproduce", tags={"clrx.overrides": " ".join(base)}
+        experiment_id(client, cfg.tracking.experiment), run_name=name, tags={"clrx.overrides": " ".join(base)}
     ).info.run_id
-    study = Study(client, parent, base, args.seeds, args.out)
     try:
-        table, runs, curves = table_one(study, args.epochs)
-        bound_rows, bounds = hand_picked(study, args.epochs, args.max_lrs)
-        decay_rows, decays = weight_decay(study, args.epochs)
-        procedure_rows, procedure = procedure_vs_grid(study, args.epochs, args.max_lrs)
+        yield Study(client, parent, base, seeds, out)
     except BaseException as error:
         client.set_tag(parent, "clrx.failure", f"{type(error).__name__}: {error}")
         client.set_terminated(parent, "FAILED")
         raise
-    sections = [
-        ("Claims checked at this scale", [*claims(runs, args.epochs, bounds, decays), procedure_claim(procedure)]),
-        ("Fixed vs cyclical policies (arXiv 1506.01186, Table 1)", table),
-        ("Range-test bounds vs hand-picked bounds, one-cycle", bound_rows),
-        ("Weight decay with one-cycle (arXiv 1803.09820)", decay_rows),
-        ("The disciplined procedure vs a hand grid of weight decay x max_lr, one-cycle", procedure_rows),
-    ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    text = f"# Reproduction: {args.seeds} seeds, {args.epochs} epochs, overrides {' '.join(base)}\n"
-    text += "".join(f"\n## {title}\n\n{markdown(rows)}" for title, rows in sections)
-    (args.out / "reproduce.md").write_text(text)
-    figure(curves, bounds, decays).savefig(args.out / "reproduce.png")
-    for name in ("reproduce.md", "reproduce.png"):
-        client.log_artifact(parent, str(args.out / name))
-    client.set_terminated(parent, "FINISHED")
+
+
+def publish(study: Study, stem: str, text: str, fig: Figure) -> None:
+    """``<stem>.md`` and ``<stem>.png`` in the study's folder and on its parent run, which ends FINISHED."""
+    study.out.mkdir(parents=True, exist_ok=True)
+    (study.out / f"{stem}.md").write_text(text)
+    fig.savefig(study.out / f"{stem}.png")
+    for name in (f"{stem}.md", f"{stem}.png"):
+        study.client.log_artifact(study.parent, str(study.out / name))
+    study.client.set_terminated(study.parent, "FINISHED")
     print(text)
-    print(f"written to {args.out}; MLflow parent run {parent}")
+    print(f"written to {study.out}; MLflow parent run {study.parent}")
+
+
+def reproduce(args: argparse.Namespace) -> None:
+    """Every study under one parent run; the parent ends FAILED with the reason if one stops."""
+    with parent_study("reproduce", args.overrides, args.seeds, args.out) as study:
+        table, runs, curves = table_one(study, args.epochs)
+        bound_rows, bounds = hand_picked(study, args.epochs, args.max_lrs)
+        decay_rows, decays = weight_decay(study, args.epochs)
+        procedure_rows, procedure = procedure_vs_grid(study, args.epochs, args.max_lrs)
+        sections = [
+            ("Claims checked at this scale", [*claims(runs, args.epochs, bounds, decays), procedure_claim(procedure)]),
+            ("Fixed vs cyclical policies (arXiv 1506.01186, Table 1)", table),
+            ("Range-test bounds vs hand-picked bounds, one-cycle", bound_rows),
+            ("Weight decay with one-cycle (arXiv 1803.09820)", decay_rows),
+            ("The disciplined procedure vs a hand grid of weight decay x max_lr, one-cycle", procedure_rows),
+        ]
+        text = f"# Reproduction: {args.seeds} seeds, {args.epochs} epochs, overrides {' '.join(study.base)}\n"
+        text += "".join(f"\n## {title}\n\n{markdown(rows)}" for title, rows in sections)
+        publish(study, "reproduce", text, figure(curves, bounds, decays))
 
 
 def main(argv: list[str] | None = None) -> None:

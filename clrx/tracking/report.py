@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
+import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -20,6 +22,7 @@ from clrx.errors import ClrxError, user_errors
 from clrx.tracking.store import PARENT_FILE, default_uri, open_store, parent_run_id
 
 RULES = ("paper", "steepest", "minimum/10", "valley")
+SEED = re.compile(r"(^|\s)\+?trainer\.seed=\S+")  # an override choosing the seed
 
 
 def children(client: MlflowClient, parent: str) -> list[Run]:
@@ -49,7 +52,8 @@ def objective(runs: list[Run]) -> str:
 
 
 def rows(runs: list[Run]) -> list[dict[str, object]]:
-    """One row a job: what it swept, how it ended, and its results (best first by the objective) or suggested bounds."""
+    """One row a job: what it swept, how it ended, and its results (best first by the objective) or suggested bounds;
+    jobs that differ only by seed share one row (``pooled``)."""
     table, labels, goal = [], varying(runs), objective(runs)
     for run in runs:
         tags = run.data.tags
@@ -77,11 +81,44 @@ def rows(runs: list[Run]) -> list[dict[str, object]]:
         if run.info.status != "FINISHED":
             row["failure"] = tags.get("clrx.failure", "")
         table.append(row)
+    table = pooled(table, [run.data.params.get("trainer.seed", "") for run in runs])
     trained = [row for row in table if "best_val_acc" in row]
     if len(trained) == len(table):  # training results: best first, unfinished last
         sign = -1 if OBJECTIVES[goal] == "maximize" else 1
         table.sort(key=lambda row: (row["status"] != "FINISHED", row[goal] is None, sign * (row[goal] or 0.0)))
     return table
+
+
+def pooled(table: list[dict[str, object]], seeds: list[str]) -> list[dict[str, object]]:
+    """Jobs that differ only by ``trainer.seed`` as one row: each number the mean over the finished ones, with
+    its sd beside it; the jobs, seeds and how many finished. A table without such jobs comes back as it was."""
+    groups: dict[str, list[int]] = {}
+    for index, row in enumerate(table):
+        groups.setdefault(SEED.sub("", str(row["swept"])).strip(), []).append(index)
+    if all(len(members) == 1 for members in groups.values()):
+        return table
+    merged = []
+    for swept, members in groups.items():
+        rows = [table[i] for i in members]
+        finished = [row for row in rows if row["status"] == "FINISHED"]
+        row: dict[str, object] = {
+            "job": ",".join(str(r["job"]) for r in rows),
+            "swept": swept,
+            "seeds": ",".join(seeds[i] for i in members),
+            "status": "FINISHED" if len(finished) == len(rows) else f"{len(finished)}/{len(rows)} FINISHED",
+        }
+        for column in _columns(rows):
+            if column in row:
+                continue
+            numbers = [r[column] for r in finished if isinstance(r.get(column), int | float)]
+            if numbers:
+                row[column] = statistics.mean(numbers)
+                row[f"{column} sd"] = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+            else:
+                said = dict.fromkeys(str(r[column]) for r in rows if r.get(column) not in (None, ""))
+                row[column] = "; ".join(said) or None
+        merged.append(row)
+    return merged
 
 
 def best_line(runs: list[Run], table: list[dict[str, object]]) -> str | None:

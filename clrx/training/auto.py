@@ -23,7 +23,7 @@ from clrx.range_test.suggest import Suggestion, bounds, suggestions_from_tags
 from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.store import log_config, main_run, newest_finished_run, run_name
 from clrx.training import checkpoint
-from clrx.training.loop import find_range
+from clrx.training.loop import range_tests
 from clrx.training.session import Session
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def auto_bounds(
         journal = output_dir / "range_test" / JOURNAL
         with main_run(client, cfg.tracking.experiment, run_name(cfg, tags), tags, None, journal) as tracker:
             log_config(tracker, cfg, session.data, output_dir)
-            result = find_range(session, policy, tracker, output_dir / "range_test", "range_test")
+            result = range_tests(session, policy, tracker, client, output_dir / "range_test", "range_test", tags)
         session.load_state(saved[0])
         checkpoint.set_rng_state(saved[1])
         log.info("range test %s ended: %s", result.run_id, result.stop_reason)
@@ -114,10 +114,8 @@ def auto_bounds(
     run_id, suggestions, no_suggestion = cached
     if policy.rule not in suggestions:
         why = no_suggestion.get(policy.rule, "no reason recorded")
-        raise ConfigError(
-            "range_test.rule",
-            f"{policy.rule!r} gave no suggestion here ({why}); choose one of: {', '.join(suggestions)}",
-        )
+        other = f"; choose one of: {', '.join(suggestions)}" if suggestions else ""
+        raise ConfigError("range_test.rule", f"{policy.rule!r} gave no suggestion here ({why}){other}")
     base_lr, max_lr = bounds(suggestions, policy.rule, policy.div, policy.scale)
     return {"base_lr": base_lr, "max_lr": max_lr}, policy.rule, run_id
 

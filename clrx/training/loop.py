@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psutil
@@ -31,17 +31,23 @@ from clrx.param_groups import scales
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
 from clrx.range_test.run import batch_accuracy, run_range_test
-from clrx.range_test.suggest import Suggestion, read, suggestion_tags
+from clrx.range_test.suggest import Suggestion, median_of, read, suggestion_tags
 from clrx.schedules.apply import applied_momentum
 from clrx.schedules.policies import Hyper, LRRange, Policy
+from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import Tracker
+from clrx.tracking.store import Silent, Tracker, log_config, main_run
 from clrx.training import checkpoint
 from clrx.training.recorder import Recorder
-from clrx.training.session import Batch, Session
+from clrx.training.session import Batch, Session, prepare
 from clrx.training.stop import STOP
 
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
 log = logging.getLogger("clrx")
+# A repeat's run is a child of the repeats' run: it takes none of its job's or cache's identity.
+NOT_INHERITED = ("mlflow.parentRunId", "mlflow.runName", "clrx.job", "clrx.range_test_key")
 
 
 @dataclass(frozen=True)
@@ -349,7 +355,7 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
         if curve.accuracy[-1] is not None:
             values["batch_acc"] = curve.accuracy[-1]
         if step in curve.val_accuracy:
-            values["val_acc"] = curve.val_accuracy[step]
+            values["val_acc"], values["val_loss"] = curve.val_accuracy[step], curve.val_loss[step]
         tracker.metrics({k: v for k, v in values.items() if np.isfinite(v)}, step)
         bar.update(1)
 
@@ -361,7 +367,7 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
             session.optimizer,
             session.batches(),
             train_step,
-            evaluate=lambda: session.evaluate()["val_acc"],
+            evaluate=lambda: session.evaluate(batches=policy.val_batches),
             on_step=on_step,
         )
     except ConfigError as error:
@@ -369,11 +375,11 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    suggestions, no_suggestion = read(curve, f"{group}.")
+    suggestions, no_suggestion = read(curve, f"{group}.", policy.skip_start, policy.metric)
     output_dir.mkdir(parents=True, exist_ok=True)
     curve.write_csv(output_dir / "range_test.csv")
     tracker.artifact(output_dir / "range_test.csv")
-    tracker.figure(range_figure(curve, suggestions), "plots/range_test.png")
+    tracker.figure(range_figure(curve, suggestions, policy.metric), "plots/range_test.png")
     stop_reason = curve.stop_reason or f"completed {policy.num_iter} steps"
     tracker.tags({"clrx.range_test.stop": stop_reason, **suggestion_tags(suggestions, no_suggestion)})
     return Result(
@@ -382,6 +388,51 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
         session.cfg.tracking.experiment,
         len(curve.lrs),
         seconds,
+        suggestions=suggestions,
+        no_suggestion=no_suggestion,
+        stop_reason=stop_reason,
+    )
+
+
+def range_tests(
+    session: Session,
+    policy: LRRange,
+    tracker: Tracker | Silent,
+    client: MlflowClient | None,
+    output_dir: Path,
+    group: str,
+    tags: Mapping[str, str],
+) -> Result:
+    """The range test; with ``policy.repeats`` > 1, that many (seeds ``trainer.seed`` on), each a child run of
+    ``tracker``'s, which holds each rule's median suggestion and its spread.
+
+    Seeds vary the weights' initialization and the batches' order: the spread says how far one test's
+    suggestion can be trusted.
+    """
+    if policy.repeats == 1:
+        return find_range(session, policy, tracker, output_dir, group)
+    inherited = {key: value for key, value in tags.items() if key not in NOT_INHERITED}
+    results = []
+    for repeat in range(policy.repeats):
+        cfg = session.cfg.copy()
+        cfg.trainer.seed = session.cfg.trainer.seed + repeat
+        each = session if repeat == 0 else prepare(cfg, search_batch=False)
+        child = {**inherited, "mlflow.parentRunId": tracker.run_id, "clrx.seed": str(cfg.trainer.seed)}
+        name = f"{tags.get('mlflow.runName', 'range test')} seed {cfg.trainer.seed}"
+        where = output_dir / f"seed_{cfg.trainer.seed}"
+        with main_run(client, cfg.tracking.experiment, name, child, None, where / JOURNAL) as run:
+            log_config(run, cfg, each.data, where)
+            results.append(find_range(each, policy, run, where, group))
+        log.info("range test seed %d ended: %s", cfg.trainer.seed, results[-1].stop_reason)
+    suggestions, no_suggestion = median_of([(r.suggestions, r.no_suggestion) for r in results])
+    stop_reason = f"{policy.repeats} repeats, seeds {session.cfg.trainer.seed} on; read as medians"
+    tracker.tags({"clrx.range_test.stop": stop_reason, **suggestion_tags(suggestions, no_suggestion)})
+    return Result(
+        tracker.run_id,
+        tracker.uri,
+        session.cfg.tracking.experiment,
+        sum(r.steps for r in results),
+        sum(r.seconds for r in results),
         suggestions=suggestions,
         no_suggestion=no_suggestion,
         stop_reason=stop_reason,

@@ -30,7 +30,7 @@ from clrx.tracking.store import flatten, log_config, main_run, run_name
 from clrx.training import ranks
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.finetune import run_policy
-from clrx.training.loop import Result, find_range, fit
+from clrx.training.loop import Result, fit, range_tests
 from clrx.training.session import Session, on_cpu, prepare
 from clrx.training.stop import STOP
 
@@ -196,7 +196,7 @@ def train(
             tracker.params({"threads": str(torch.get_num_threads())})  # CPU results depend on it
             log_table(tracker, session.optimizer, session.plain_model)
         if isinstance(policy, LRRange):
-            return find_range(session, policy, tracker, output_dir, "policy")
+            return range_tests(session, policy, tracker, client, output_dir, "policy", run_tags)
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
         with STOP.deferred():  # a signal ends training at a step boundary, with a checkpoint

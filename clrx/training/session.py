@@ -157,31 +157,39 @@ class Session:
             yield from self.epoch(epoch)
 
     @torch.no_grad()
-    def evaluate(self, part: str = "val", model: torch.nn.Module | None = None) -> dict[str, float]:
+    def evaluate(
+        self, part: str = "val", model: torch.nn.Module | None = None, batches: int | None = None
+    ) -> dict[str, float]:
         """Loss and top-1 accuracy of ``model`` (the run's) over the whole ``part`` (``val`` or ``test``),
         each sample counted once; also top-5 accuracy for datasets of more than TOP5_ABOVE classes (``val_acc5``).
+        ``batches``: only the first that many batches, the same samples each time (the range test's subset).
 
         Sums stay on the device and are read back once, after the last batch.
         """
         loader, size = (
             (self.val_loader, len(self.data.val)) if part == "val" else (self.test_loader, len(self.data.test))
         )
+        if batches is not None and batches < len(loader):
+            loader, size = itertools.islice(loader, batches), None
         ks = (1, 5) if self.data.num_classes > TOP5_ABOVE else (1,)
         evaluated = self.model if model is None else model
         evaluated.eval()
         shared = isinstance(loader, DeviceBatches)  # each process holds its own share of a batch
         totals = torch.zeros(1 + len(ks), device=self.accelerator.device, dtype=torch.float64)  # loss sum, hits
+        count = torch.zeros((), device=self.accelerator.device, dtype=torch.float64)
         for images, labels in loader:
             logits = evaluated(self.inputs(images, train=False))
             if not shared:
                 logits, labels = self.accelerator.gather_for_metrics((logits, labels))
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             totals += torch.cat([loss.view(1), top_k_hits(logits, labels, ks)])
+            count += labels.shape[0]
         if shared:
-            totals = self.accelerator.reduce(totals, "sum")
+            totals, count = self.accelerator.reduce(totals, "sum"), self.accelerator.reduce(count, "sum")
         self.model.train()
         names = [f"{part}_loss", f"{part}_acc", f"{part}_acc5"]
-        return {name: total / size for name, total in zip(names, totals.tolist(), strict=False)}
+        *sums, counted = torch.cat([totals, count.view(1)]).tolist()
+        return {name: total / (size or counted) for name, total in zip(names, sums, strict=False)}
 
     @contextlib.contextmanager
     def averaged(self, norms: bool = False) -> Iterator[None]:
