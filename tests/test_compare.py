@@ -68,4 +68,4 @@ def test_an_unknown_schedule_is_refused(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--schedules", "one_cycle,wsdd"])
     assert exited.value.code == 2
-    assert "unknown wsdd; choose from one_cycle, triangular2, cosine_warmup, fixed" in capsys.readouterr().err
+    assert f"unknown wsdd; choose from {', '.join(SCHEDULES)}, got 'one_cycle,wsdd'" in capsys.readouterr().err

@@ -35,12 +35,14 @@ from clrx.studies.reproduce import (
 from clrx.tracking.report import children, markdown
 
 # One line per schedule: its overrides, on top of the command's. Each takes its preset's LRs unless the
-# command sets them. Entries to add once their configs exist: "wsd": ["policy=wsd"],
-# "schedulefree_sgd": ["optimizer=schedulefree_sgd", "policy=fixed"], "prodigy": ["optimizer=prodigy", "policy=fixed"].
+# command sets them; the LR-free and schedule-free optimizers take their authors' starting LRs.
 SCHEDULES = {
     "one_cycle": ["policy=one_cycle"],
     "triangular2": ["policy=triangular2"],
     "cosine_warmup": ["policy=cosine"],  # the preset warms up over half an epoch
+    "wsd": ["policy=wsd"],
+    "schedule_free": ["optimizer=schedulefree_sgd", "policy=wsd", "policy.decay_frac=0", "policy.max_lr=1.0"],
+    "prodigy": ["optimizer=prodigy", "policy=fixed", "policy.lr=1.0"],
     "fixed": ["policy=fixed"],
 }
 REFERENCE = "one_cycle"
