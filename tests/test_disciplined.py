@@ -112,6 +112,10 @@ TINY = (
     "trainer.epochs=2",
     "trainer.progress=false",
     "disciplined.batch.min_steps_per_epoch=4",
+    # 20 steps spaced evenly in log-LR from 1e-3: each curve has a descent to read
+    "range_test.mode=exp",
+    "range_test.min_lr=1e-3",
+    "range_test.num_iter=20",
 )
 
 

@@ -58,3 +58,18 @@ def test_a_sweep_without_repeated_seeds_keeps_a_row_a_job(tmp_path, store):
     jobs = [("1e-4", 0, 0.90, "FINISHED"), ("0", 0, 0.80, "FINISHED")]
     table, _ = report(client, _sweep(client, jobs), tmp_path)
     assert [(row["job"], row["val_acc"]) for row in table] == [(0, 0.90), (1, 0.80)] and "seeds" not in table[0]
+
+
+def test_a_job_alone_beside_pooled_ones_keeps_its_own_row_and_status(tmp_path, store):
+    _, client = store
+    jobs = [("1e-4", 0, 0.90, "FINISHED"), ("1e-4", 1, 0.94, "FINISHED"), ("1e3", 0, None, "FAILED")]
+    table, _ = report(client, _sweep(client, jobs), tmp_path)
+    assert [(row["job"], row["status"]) for row in table] == [("0,1", "FINISHED"), (2, "FAILED")]
+    assert table[1]["seeds"] == "0" and table[1]["val_acc"] is None
+
+
+def test_a_repeated_trial_at_the_same_seed_is_not_pooled(tmp_path, store):
+    _, client = store
+    jobs = [("1e-4", 0, 0.90, "FINISHED"), ("1e-4", 0, 0.90, "FINISHED"), ("0", 0, 0.80, "FINISHED")]
+    table, _ = report(client, _sweep(client, jobs), tmp_path)
+    assert [row["job"] for row in table] == [0, 1, 2]

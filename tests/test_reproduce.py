@@ -19,7 +19,7 @@ def test_reproduce_reports_every_study_under_one_parent(tmp_path, store):
     out = tmp_path / "out"
     # One seed, one (diverging) hand-picked bound, 4 steps an epoch: the verdicts themselves are unit-tested below.
     args = ["--seeds", "1", "--epochs", "2", "--max-lrs", "1e6", "--out", str(out), f"tracking.uri={uri}"]
-    main([*args, "dataset.limit_train=256", "dataset.limit_val=64", "range_test.num_iter=30"])
+    main([*args, "dataset.limit_train=256", "dataset.limit_val=64", "range_test.num_iter=30", "range_test.mode=exp"])
     text = (out / "reproduce.md").read_text()
     assert text.count("\n## ") == 5 and (out / "reproduce.png").stat().st_size > 0
     for name in POLICIES:

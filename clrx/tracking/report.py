@@ -91,15 +91,23 @@ def rows(runs: list[Run]) -> list[dict[str, object]]:
 
 def pooled(table: list[dict[str, object]], seeds: list[str]) -> list[dict[str, object]]:
     """Jobs that differ only by ``trainer.seed`` as one row: each number the mean over the finished ones, with
-    its sd beside it; the jobs, seeds and how many finished. A table without such jobs comes back as it was."""
+    its sd beside it; the jobs, seeds and how many finished. Every other job keeps its row (a sweeper's repeated
+    trial at the same seed too); a table without seed repeats comes back as it was."""
     groups: dict[str, list[int]] = {}
     for index, row in enumerate(table):
         groups.setdefault(SEED.sub("", str(row["swept"])).strip(), []).append(index)
-    if all(len(members) == 1 for members in groups.values()):
+
+    def repeats(members: list[int]) -> bool:  # the same job at different seeds (not a sweeper's repeated trial)
+        return len(members) > 1 and len({seeds[i] for i in members}) == len(members)
+
+    if not any(map(repeats, groups.values())):
         return table
     merged = []
     for swept, members in groups.items():
         rows = [table[i] for i in members]
+        if not repeats(members):  # each job keeps its own row and status
+            merged.extend({**row, "seeds": seeds[i]} for i, row in zip(members, rows, strict=True))
+            continue
         finished = [row for row in rows if row["status"] == "FINISHED"]
         row: dict[str, object] = {
             "job": ",".join(str(r["job"]) for r in rows),
