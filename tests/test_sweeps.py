@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from clrx.__main__ import job_name
 from clrx.config.schema import compose_run
-from clrx.tracking.report import main as report_main
+from clrx.report import main as report_main
 from clrx.tracking.report import overlay
 from tests.conftest import free_port, main_in_process, run_cli, start_mlflow_server, sweep_family
 
@@ -182,7 +182,7 @@ def test_report_rebuilds_a_summary_and_rejects_unknown_runs(tmp_path, store, cap
     with pytest.raises(SystemExit) as exited:
         report_main(["0123456789abcdef", "--tracking-uri", uri])
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == f"clrx.tracking.report: error: no MLflow run '0123456789abcdef' in {uri}"
+    assert capsys.readouterr().err.strip() == f"clrx.report: error: no MLflow run '0123456789abcdef' in {uri}"
 
 
 def test_the_regularization_balance_sweeps_weight_decay_by_label_smoothing_at_one_schedule():

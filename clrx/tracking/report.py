@@ -1,12 +1,10 @@
-"""A sweep's summary, rebuilt from MLflow at any time: a table and overlay plots on the parent run.
+"""A sweep's summary from MLflow: a table (seed repeats pooled) and overlay plots on the parent run.
 
-python -m clrx.tracking.report multirun/2026-11-23/10-00-00.123456   # a sweep folder
-python -m clrx.tracking.report 3f2a9c...                             # or a parent run id
+Written at a sweep's end; ``python -m clrx.report`` rebuilds it at any time.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -18,8 +16,6 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
 from clrx.config.schema import OBJECTIVES, TrackingConfig
-from clrx.errors import ClrxError, user_errors
-from clrx.tracking.store import PARENT_FILE, default_uri, open_store, parent_run_id
 
 RULES = ("paper", "steepest", "minimum/10", "valley")
 SEED = re.compile(r"(^|\s)\+?trainer\.seed=\S+")  # an override choosing the seed
@@ -219,28 +215,3 @@ def report(
         finished = any(run.info.status == "FINISHED" for run in runs)
         client.set_terminated(parent, "FINISHED" if finished else "FAILED")
     return table, best
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m clrx.tracking.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", help="a sweep folder (multirun/...) or the parent run's id")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: as python -m clrx uses)")
-    args = parser.parse_args(argv)
-    with user_errors("clrx.tracking.report"):
-        client = open_store(args.tracking_uri or default_uri())
-        folder = Path(args.sweep)
-        parent = parent_run_id(folder) if folder.is_dir() else args.sweep
-        if parent is None:
-            raise ClrxError(f"{folder} holds no {PARENT_FILE} file: is it a clrx multirun folder?")
-        try:
-            client.get_run(parent)
-        except Exception:
-            raise ClrxError(f"no MLflow run {parent!r} in {client.tracking_uri}") from None
-        out = folder if folder.is_dir() else Path("reports") / parent
-        table, best = report(client, parent, out)
-    print((f"{best}\n\n" if best else "") + markdown(table) if table else "the sweep has no job runs yet")
-    print(f"summary in {out} and on run {parent}")
-
-
-if __name__ == "__main__":
-    main()
