@@ -112,8 +112,7 @@ TINY = (
     "trainer.epochs=2",
     "trainer.progress=false",
     "disciplined.batch.min_steps_per_epoch=4",
-    # 20 steps spaced evenly in log-LR from 1e-3: each curve has a descent to read
-    "range_test.mode=exp",
+    # 20 steps from 1e-3, spaced in log-LR as the procedure's tests are: each curve has a descent to read
     "range_test.min_lr=1e-3",
     "range_test.num_iter=20",
 )
@@ -144,6 +143,9 @@ def test_every_stage_runs_under_one_parent_and_the_command_repeats_the_last_run(
     assert stages[:5] == ["weight_decay"] * 2 + ["bisect"] * 3 and stages[-1] == "train"
     assert stages[5:-1] in ([], ["bounds"])
     assert all(child.info.status == "FINISHED" for child in children)
+    tests = [child for child in children if child.data.params.get("policy.num_iter") == "20"]
+    assert len(tests) == stages.count("weight_decay") + stages.count("bounds")
+    assert all(child.data.params["policy.mode"] == "exp" for child in tests)  # the short tests sweep in log-LR
     assert "budget estimate, before any training" in printed and "1. Batch size" in printed
     assert printed.index("budget estimate") < printed.index("range test wd 0.001: training")
     # the largest batch up to 256 images / 4 steps: nothing runs out of memory here
@@ -251,6 +253,10 @@ def test_bad_settings_end_in_one_line_before_any_run(tmp_path, store, capsys):
     for bad, message in (
         ("disciplined.stages=[batch,warmup]", "disciplined.stages: 'warmup' is no stage"),
         ("disciplined.weight_decay.grid=[-1]", "disciplined.weight_decay.grid: must be a list of weight decays >= 0"),
+        (
+            "disciplined.weight_decay.range_test_mode=log",
+            "disciplined.weight_decay.range_test_mode: must be linear or exp",
+        ),
         ("policy=triangular", "policy: the disciplined approach trains one cycle"),
     ):
         with pytest.raises(SystemExit) as exited:

@@ -63,6 +63,9 @@ def check(cfg: DictConfig) -> None:
     for key, value in positive.items():
         if not value > 0:
             raise ConfigError(f"disciplined.{key}", f"must be positive, got {value}")
+    if settings.weight_decay.range_test_mode not in ("linear", "exp"):
+        mode = settings.weight_decay.range_test_mode
+        raise ConfigError("disciplined.weight_decay.range_test_mode", f"must be linear or exp, got {mode!r}")
     if settings.weight_decay.min_range_test_steps < 5:
         raise ConfigError("disciplined.weight_decay.min_range_test_steps", "must be at least 5 (a curve to read)")
     if settings.weight_decay.tolerance < 0 or settings.weight_decay.stable_factor <= 1:

@@ -128,6 +128,9 @@ class Procedure:
         steps = str(self.range_test_steps)
         decided = {**self.decided, "optimizer.weight_decay": _number(wd), "policy": "range_test"}
         decided |= {"policy.num_iter": steps, "range_test.num_iter": steps}
+        if "range_test.mode" not in self.given:
+            mode = self.cfg.disciplined.weight_decay.range_test_mode
+            decided |= {"policy.mode": mode, "range_test.mode": mode}
         args = self.args(decided, range_test=True)
         key = range_test_key(compose_run(*args), self.range_test_steps)
         cached = cached_suggestions(self.client, self.cfg.tracking.experiment, key)
