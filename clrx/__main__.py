@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from clrx.config.schema import CONF, check_added, check_claims, main_process, prefer_given, register, worst
-from clrx.errors import USER_ERRORS, ClrxError, ProcessLost, Stopped, TrainingDiverged, exit_with, one_line
+from clrx.errors import USER_ERRORS, ClrxError, ProcessLost, Stopped, TrainingDiverged, exit_with, one_line, user_errors
 from clrx.range_test.suggest import bounds
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
@@ -58,7 +58,8 @@ def app(cfg: DictConfig) -> float:
     global _started
     _started = True
     slurm_processes()
-    check_claims(os.environ)  # before any store or checkpoint is touched
+    with user_errors("clrx"):  # one line, not Hydra's "Error executing job"
+        check_claims(os.environ)  # before any store or checkpoint is touched
     hydra_cfg = HydraConfig.get()
     if not main_process():  # one process speaks for a multi-process launch
         log.setLevel(logging.WARNING)
