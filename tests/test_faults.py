@@ -178,7 +178,7 @@ def test_a_server_down_mid_run_is_one_line_and_resume_completes_the_run(tmp_path
         args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     _wait_until(process, lambda: any((run_dir / checkpoint.DIRECTORY).glob("step-*.pt")))
-    os.killpg(server.pid, signal.SIGTERM)  # the server goes away, workers and all
+    os.killpg(server.pid, signal.SIGKILL)  # the server goes away at once, workers and all (no graceful last answers)
     server.wait(timeout=60)
     process.send_signal(signal.SIGTERM)  # stopped (or, on a fast machine, already at its end): either way
     [line] = process.communicate(timeout=300)[1].strip().splitlines()  # the store is gone: one line says so
