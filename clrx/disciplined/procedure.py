@@ -228,7 +228,9 @@ class Procedure:
             if isinstance(found, RangeTest):
                 report.run_ids.append(found.run_id)
                 try:
-                    readings[wd] = read_curve(found.lrs, found.smoothed, settings.stable_factor)
+                    readings[wd] = read_curve(
+                        found.lrs, found.smoothed, settings.stable_factor, self.cfg.range_test.skip_start
+                    )
                 except ValueError as error:
                     readings[wd] = f"unreadable curve: {error}"
             else:

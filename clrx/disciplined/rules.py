@@ -36,12 +36,15 @@ class NoCandidate(ClrxError):
     """Every candidate of a stage failed: nothing is left to choose from."""
 
 
-def read_curve(lrs: Sequence[float], smoothed: Sequence[float], stable_factor: float) -> Reading:
-    """The minimum of the smoothed loss (the noisy first ``SKIP_START`` of the points ignored, as the bounds
-    rules do) and the last LR before the loss first exceeds ``stable_factor`` times that minimum."""
+def read_curve(
+    lrs: Sequence[float], smoothed: Sequence[float], stable_factor: float, skip_start: float = SKIP_START
+) -> Reading:
+    """The minimum of the smoothed loss (the noisy first ``skip_start`` of the points ignored, as the bounds
+    rules ignore them: ``range_test.skip_start``) and the last LR before the loss first exceeds
+    ``stable_factor`` times that minimum."""
     if len(lrs) != len(smoothed) or len(lrs) < 2:
         raise ValueError(f"a curve needs at least 2 points of lr and smoothed loss, got {len(lrs)} and {len(smoothed)}")
-    skip = int(len(lrs) * SKIP_START) if len(lrs) >= 10 else 0
+    skip = int(len(lrs) * skip_start)
     lowest = min(range(skip, len(lrs)), key=lambda i: smoothed[i])
     minimum = smoothed[lowest]
     if not math.isfinite(minimum):
