@@ -138,6 +138,9 @@ def _run(cfg: DictConfig, hydra_cfg: DictConfig, tags: dict[str, str]) -> Result
             failed.run_id = getattr(stopped, "run_id", None)
             raise failed from None
         _stopped(stopped)  # preempted: SLURM requeues the job, or it ends here
+    finally:
+        if store is not None:
+            store.close()
 
 
 def job_name(num: int, overrides: list[str], limit: int = 80) -> str:

@@ -25,6 +25,9 @@ class ConfigError(ClrxError, ValueError):
         self.problem = problem
         super().__init__(f"{setting}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised again in the process that reads it
+        return type(self), (self.setting, self.problem)
+
     def within(self, group: str) -> ConfigError:
         """The same error with the setting's full dotted key."""
         return ConfigError(f"{group}.{self.setting}", self.problem)

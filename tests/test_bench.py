@@ -35,6 +35,7 @@ def test_bench_writes_every_figure(tmp_path, monkeypatch):
         "step_clrx_ms",
         "step_ratio",
         "end_to_end_ratio",
+        "end_to_end_no_logged_model_ratio",
         "train_and_eval_ratio",
         "startup_clrx_ms",
         "import_torch_timm_seconds",

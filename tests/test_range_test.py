@@ -18,6 +18,7 @@ from clrx.range_test.curve import Curve
 from clrx.range_test.run import lr_range_test
 from clrx.range_test.suggest import Suggestion, bounds, read, suggest, suggestion_tags
 from clrx.schedules.policies import LRRange
+from clrx.tracking.opening import LocalStore
 from clrx.training.auto import auto_bounds, range_test_key
 from clrx.training.checkpoint import rng_state
 from clrx.training.run import train
@@ -166,7 +167,7 @@ def test_reused_range_test_is_announced_and_a_rule_without_bounds_says_why(tmp_p
     client.set_terminated(earlier.info.run_id, "FINISHED")
     started = datetime.fromtimestamp(earlier.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
     with caplog.at_level(logging.INFO, "clrx"), pytest.raises(ConfigError) as raised:
-        auto_bounds(session, client, tmp_path, {})
+        auto_bounds(session, LocalStore.of(client), tmp_path, {})
     assert str(raised.value) == f"range_test.rule: 'paper' gave no suggestion here ({why}); choose one of: minimum/10"
     assert f"reusing range test {earlier.info.run_id} from {started}" in caplog.messages
 
@@ -182,7 +183,7 @@ def test_auto_bounds_restore_the_start_and_match_typed_in_bounds(tmp_path, store
     before, first_batch = copy.deepcopy(session.state()), next(session.epoch(0))[0][1]
     generators = rng_state()
     with caplog.at_level(logging.INFO, "clrx"):
-        found, rule, range_run = auto_bounds(session, client, tmp_path, {})
+        found, rule, range_run = auto_bounds(session, LocalStore.of(client), tmp_path, {})
     assert any(m.startswith(f"range test {range_run} ended: ") for m in caplog.messages)
     after = session.state()
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])

@@ -10,6 +10,7 @@ import torch
 
 from clrx.config.schema import compose_run
 from clrx.range_test.suggest import Suggestion, median_of
+from clrx.tracking.opening import LocalStore
 from clrx.training.auto import auto_bounds
 from clrx.training.session import prepare
 from tests.conftest import main_in_process
@@ -158,7 +159,7 @@ def test_auto_bounds_from_repeats_take_the_medians_and_are_reused(tmp_path, stor
         f"tracking.uri={uri}",
     )
     session = prepare(cfg)
-    found, rule, parent = auto_bounds(session, client, tmp_path, {})
+    found, rule, parent = auto_bounds(session, LocalStore.of(client), tmp_path, {})
     children = client.search_runs(
         [client.get_experiment_by_name("clrx").experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'"
     )
@@ -167,5 +168,5 @@ def test_auto_bounds_from_repeats_take_the_medians_and_are_reused(tmp_path, stor
     tops = [json.loads(c.data.tags["clrx.suggest.minimum/10"])["max_lr"] for c in children]
     assert found["max_lr"] == statistics.median(tops) and found["base_lr"] == found["max_lr"] / cfg.range_test.div
     with caplog.at_level(logging.INFO, "clrx"):
-        assert auto_bounds(session, client, tmp_path, {}) == (found, rule, parent)
+        assert auto_bounds(session, LocalStore.of(client), tmp_path, {}) == (found, rule, parent)
     assert any(m.startswith(f"reusing range test {parent}") for m in caplog.messages)

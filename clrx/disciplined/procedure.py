@@ -27,6 +27,7 @@ from clrx.disciplined.rules import (
 )
 from clrx.errors import ClrxError, ConfigError, one_line
 from clrx.range_test.suggest import Suggestion, bounds
+from clrx.tracking.opening import LocalStore
 from clrx.training.auto import cached_suggestions, range_test_key
 from clrx.training.run import train
 from clrx.training.session import prepare
@@ -133,7 +134,7 @@ class Procedure:
             decided |= {"policy.mode": mode, "range_test.mode": mode}
         args = self.args(decided, range_test=True)
         key = range_test_key(compose_run(*args), self.range_test_steps)
-        cached = cached_suggestions(self.client, self.cfg.tracking.experiment, key)
+        cached = cached_suggestions(LocalStore.of(self.client), self.cfg.tracking.experiment, key)
         if cached is not None:
             run_id, suggestions, no_suggestion = cached
             print(f"  range test wd {wd:g}: reusing run {run_id} (same inputs, key {key})")

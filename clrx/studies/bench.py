@@ -35,7 +35,8 @@ from clrx.config.build import build_policy
 from clrx.config.schema import compose_run
 from clrx.errors import user_errors
 from clrx.studies.hand_loop import hand_loop
-from clrx.tracking.store import METRICS_PER_BATCH, open_store, tracked_run
+from clrx.tracking.service import StoreProcess
+from clrx.tracking.store import METRICS_PER_BATCH, open_store
 from clrx.training.recorder import Recorder
 from clrx.training.session import prepare
 
@@ -80,12 +81,12 @@ def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
 def _logging_cost(uri: str, steps: int) -> dict[str, float]:
     """Microseconds a step of recording lr, momentum and loss, in a loop that does nothing else.
 
-    The training thread's wall time (which includes waiting for the interpreter lock while the
-    writer thread builds rows) and its CPU time; then the store's own time to write a step's
-    points, which the writer thread spends off the training thread.
+    The training thread's wall time and CPU time for recording and handing the points to a store
+    process, as ``python -m clrx`` does; then the store's own time to write a step's points, which
+    the store process spends off the training process.
     """
-    client = open_store(uri)
-    with tracked_run(client, "bench", "logging cost", {}) as tracker:
+    client, store = open_store(uri), StoreProcess(uri, 20, prepare_model=False)
+    with store.run("bench", "logging cost", {}) as tracker:
         recorder, loss = Recorder(tracker, "momentum", every=10), torch.tensor(0.5)
         wall, cpu = time.perf_counter(), time.thread_time()
         for step in range(steps):
@@ -96,21 +97,24 @@ def _logging_cost(uri: str, steps: int) -> dict[str, float]:
         start = time.perf_counter()
         for first in range(0, len(points), METRICS_PER_BATCH):
             client.log_batch(tracker.run_id, metrics=points[first : first + METRICS_PER_BATCH])
-        store = (time.perf_counter() - start) / (steps // 10)
+        written = (time.perf_counter() - start) / (steps // 10)
+    store.close()
     return {
         "logging_us_per_step": wall / steps * 1e6,
         "logging_cpu_us_per_step": cpu / steps * 1e6,
-        "store_write_us_per_step": store * 1e6,
+        "store_write_us_per_step": written * 1e6,
     }
 
 
 def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds a step of the hand-written loop and of clrx's (MLflow logging on), blocks timed in turn."""
+    """Milliseconds a step of the hand-written loop and of clrx's (MLflow logging on, to a store process as in
+    ``python -m clrx``), blocks timed in turn."""
     total = block * (repeats + 1) + 1
     session = prepare(cfg)
     policy = build_policy(cfg.policy, session.steps_per_epoch, total)
     reference = hand_loop(cfg, total_steps=total)
-    with tracked_run(open_store(uri), "bench", "clrx loop", {}) as tracker:
+    store = StoreProcess(uri, 20, prepare_model=False)
+    with store.run("bench", "clrx loop", {}) as tracker:
         recorder, stream, step = Recorder(tracker, session.momentum, cfg.trainer.log_every), session.batches(), 0
 
         def clrx_loop(steps: int) -> None:
@@ -131,6 +135,7 @@ def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, 
             for name, loop in loops[repeat % 2 :] + loops[: repeat % 2]:  # neither always goes first
                 times[name].append(_timed(loop, block))
         recorder.drain()
+    store.close()
     return times
 
 
@@ -152,18 +157,19 @@ def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str
     """
     env = {**os.environ, "CI": "true"}
     client = open_store(uri)
-    walls: dict[str, list[float]] = {"clrx": [], "reference": [], "import": []}
+    walls: dict[str, list[float]] = {"clrx": [], "reference": [], "import": [], "no_model": []}
     reported: dict[str, dict[str, list[float]]] = {"clrx": {}, "reference": {}}
     commands = {
         "clrx": [sys.executable, "-m", "clrx", *base],
         "reference": [sys.executable, "-m", "clrx.studies.hand_loop", *base],
         "import": [sys.executable, "-c", "import torch, timm"],
+        "no_model": [sys.executable, "-m", "clrx", *base, "tracking.log_model=false"],  # what the logged model costs
     }
     for run in range(runs):
         for name in list(commands)[run % 2 :] + list(commands)[: run % 2]:
             folder = workdir / f"{name}-{run}"
             folder.mkdir()
-            extra = [f"hydra.run.dir={folder}"] if name == "clrx" else []
+            extra = [f"hydra.run.dir={folder}"] if name in ("clrx", "no_model") else []
             start = time.perf_counter()
             done = subprocess.run(
                 [*commands[name], *extra], cwd=folder, env=env, check=True, capture_output=True, text=True
@@ -184,6 +190,10 @@ def _end_to_end(base: list[str], uri: str, workdir: Path, runs: int) -> dict[str
     ms = {name: {key: [1000 * v for v in values] for key, values in got.items()} for name, got in reported.items()}
     return {
         **paired_ratios({name: [w * 1000 for w in walls[name]] for name in reported}, "end_to_end_"),
+        **paired_ratios(
+            {"clrx": [w * 1000 for w in walls["no_model"]], "reference": [w * 1000 for w in walls["reference"]]},
+            "end_to_end_no_logged_model_",
+        ),
         **paired_ratios({name: ms[name]["train_seconds"] for name in reported}, "train_and_eval_"),
         **paired_ratios({name: ms[name]["startup_seconds"] for name in reported}, "startup_"),
         "import_torch_timm_seconds": statistics.median(walls["import"]),

@@ -14,10 +14,10 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 NAME = "metrics.jsonl"
 Point = tuple[str, float, int, int]  # (key, value, ms timestamp, step)
@@ -106,6 +106,8 @@ def missing(points: Iterable[Point], stored: Mapping[str, int]) -> list[Point]:
 
 def replay(client: MlflowClient, run_id: str, record: Record, per_batch: int) -> int:
     """Write what the run is missing of ``record`` (params, tags, points); how many points were written."""
+    from mlflow.entities import Metric, Param, RunTag
+
     have = client.get_run(run_id).data
     params = [Param(key, value) for key, value in record.params.items() if key not in have.params]
     for start in range(0, len(params), 100):

@@ -1,31 +1,85 @@
-"""The MLflow store opened in a thread from a command's first moment.
+"""The MLflow store, opening from a command's first moment: in a process of its own, or in this one.
 
-Importing MLflow's store and checking its schema take seconds; in a thread they overlap the
-imports of torch and timm and the loading of the data instead of delaying the first step.
+Importing MLflow and opening its store take seconds of Python. A training command that has not
+imported MLflow leaves that to a process beside it (``clrx.tracking.service``), which then writes
+the run, so the training process never loads MLflow. A process that has it already (a study, a
+sweep's parent, a test) opens the store in a thread. Either handle is what ``store.main_run`` takes.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from clrx.config.schema import check_tracking, main_process
+from clrx.tracking.store import Tracker, bound_requests, default_uri, open_store, tracked_run
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from clrx.tracking.service import StoreProcess
 
 
-def open_in_background(cfg: DictConfig) -> Future | None:
-    """The client for ``cfg.tracking``, opening; None where this process writes no run (a dry run, ranks > 0)."""
+class LocalStore:
+    """The store in this process, through a client that opens in a thread."""
+
+    def __init__(self, opening: Future) -> None:
+        self._opening = opening
+
+    @classmethod
+    def of(cls, client: MlflowClient) -> LocalStore:
+        """The handle of a client already open."""
+        opened: Future = Future()
+        opened.set_result(client)
+        return cls(opened)
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._opening.result()
+
+    @property
+    def uri(self) -> str:
+        return self.client.tracking_uri
+
+    def ready(self) -> None:
+        """Return once the store is open; a store that cannot be opened is a ConfigError naming tracking.uri."""
+        self._opening.result()
+
+    def ask(self, query: Callable[..., Any], *args: Any) -> Any:
+        """``query(client, *args)``."""
+        return query(self.client, *args)
+
+    def close(self) -> None:
+        """Nothing to end: the client goes with this process."""
+
+    @contextmanager
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[Tracker]:
+        """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED."""
+        with tracked_run(self.client, *args, **kwargs) as tracker:
+            yield tracker
+
+
+def open_in_background(cfg: DictConfig) -> LocalStore | StoreProcess | None:
+    """The store of ``cfg.tracking``, opening; None where this process writes no run (a dry run, ranks > 0)."""
     check_tracking(cfg.tracking)
     if not main_process() or cfg.trainer.dry_run:
         return None
+    uri = cfg.tracking.uri or default_uri()
+    if "mlflow" not in sys.modules:
+        from clrx.tracking.service import StoreProcess
 
-    def opened():  # an MlflowClient
-        from clrx.tracking.store import bound_requests, default_uri, open_store
+        return StoreProcess(uri, cfg.tracking.timeout, cfg.tracking.log_model)
 
+    def opened() -> MlflowClient:
         bound_requests(cfg.tracking.timeout)
-        return open_store(cfg.tracking.uri or default_uri())
+        return open_store(uri)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clrx-store")
-    store = pool.submit(opened)
+    opening = pool.submit(opened)
     pool.shutdown(wait=False)
-    return store
+    return LocalStore(opening)

@@ -85,6 +85,27 @@ def _fluent_store(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+def requirements() -> list[str]:
+    """A logged model's pip requirements: MLflow's for torch, and timm. Named, they are not inferred,
+    which would load the model again in a new interpreter."""
+    import mlflow.pytorch
+    import timm
+
+    return [*mlflow.pytorch.get_default_pip_requirements(), f"timm=={timm.__version__}"]
+
+
+def prepare_log_model() -> None:
+    """What ``log_model``'s first call would do besides saving: load torch, timm, MLflow's torch flavor and
+    matplotlib, set up ``torch.export`` (MLflow saves models in its pt2 format), and let MLflow map the
+    installed packages, which it does to check the requirements."""
+    import matplotlib.figure  # noqa: F401  (the run's figures)
+    import torch
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(3, 2),))
+    warn_dependency_requirement_mismatches(requirements())
+
+
 def log_model(
     client: MlflowClient,
     run_id: str,
@@ -102,7 +123,6 @@ def log_model(
     would put it in the default experiment, where ``runs:/<id>/model`` does not find it.
     """
     import mlflow.pytorch  # torch's flavor: only where a model is logged
-    import timm
     import torch
     from mlflow.models import infer_signature
 
@@ -112,8 +132,6 @@ def log_model(
     logged = client.create_logged_model(
         run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=run.data.params
     )
-    # Named, the requirements are not inferred, which loads the model again in a new interpreter.
-    requirements = [*mlflow.pytorch.get_default_pip_requirements(), f"timm=={timm.__version__}"]
     with _fluent_store(client.tracking_uri):
         return mlflow.pytorch.log_model(
             model,
@@ -123,7 +141,7 @@ def log_model(
             input_example=example,
             signature=infer_signature(example, outputs),
             metadata=dict(metadata),
-            pip_requirements=requirements,
+            pip_requirements=requirements(),
             registered_model_name=register_as,
             step=step,
             validate_serving_input=False,  # it loads the model again to run the example the signature came from

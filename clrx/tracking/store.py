@@ -18,23 +18,21 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from clrx.errors import ConfigError, Stopped
 from clrx.tracking.journal import Journal, read, replay, stored_steps
-from clrx.tracking.provenance import context_tags, dataset_inputs, log_model, system_monitor
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
 
 METRICS_PER_BATCH = 1000
 PARAMS_PER_BATCH = 100
@@ -114,6 +112,8 @@ def bound_requests(timeout: int) -> None:
 
 def open_store(uri: str) -> MlflowClient:
     """A client for ``uri``, checked to answer; a store that cannot be opened is a config error."""
+    from mlflow.tracking import MlflowClient
+
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema set-up notes on a new database
     # Set-up notes, and a traceback for every failed query: the failure reaches clrx, which says it in one line.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -174,6 +174,8 @@ class _Writer:
         self.thread.start()
 
     def _run(self) -> None:
+        from mlflow.entities import Metric
+
         with contextlib.suppress(OSError):  # Linux sets a thread's own niceness; elsewhere, run as is
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (chunk := self.chunks.get()) is not None:
@@ -202,34 +204,17 @@ def _reason(error: BaseException) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)[:300]
 
 
-class Tracker:
-    """One MLflow run, written to in batches, each point first into the run's journal (if given).
+class Buffered:
+    """Per-step values gathered in memory and handed on a chunk at a time (``flush``): the cheap path a step takes.
 
-    ``logged`` maps metric keys to the last step the run already holds (a resumed run): points
-    up to it are not written again, so every step keeps exactly one point. If the store fails,
-    training goes on (``on_failure="continue"``) with points kept in the journal and replayed at
-    the end, or stops at the next chunk (``"stop"``).
+    ``logged`` maps metric keys to the last step the run already holds (a resumed run): points up to
+    it are not taken again, so every step keeps exactly one point.
     """
 
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: str,
-        logged: Mapping[str, int] | None = None,
-        journal: Journal | None = None,
-        on_failure: str = "continue",
-        system_metrics: bool = False,
-    ) -> None:
-        self.client, self.run_id, self.journal, self.on_failure = client, run_id, journal, on_failure
+    def __init__(self, logged: Mapping[str, int] | None = None) -> None:
         self._logged = dict(logged or {})
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
-        self._recorded = 0  # points handed to the journal and the writer
-        self._writer = _Writer(client, run_id)
-        self._monitor = system_monitor(client, run_id, resume=bool(logged)) if system_metrics else None
-
-    @property
-    def uri(self) -> str:
-        return self.client.tracking_uri
+        self._recorded = 0  # points handed on
 
     def metric(self, key: str, value: float, step: int) -> None:
         self.points([(key, value, step)])
@@ -247,9 +232,45 @@ class Tracker:
         self.points([(key, value, step) for key, value in values.items()])
 
     def flush(self) -> None:
+        raise NotImplementedError
+
+
+class Tracker(Buffered):
+    """One MLflow run, written to in batches, each point first into the run's journal (if given).
+
+    If the store fails, training goes on (``on_failure="continue"``) with points kept in the journal
+    and replayed at the end, or stops at the next chunk (``"stop"``).
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        logged: Mapping[str, int] | None = None,
+        journal: Journal | None = None,
+        on_failure: str = "continue",
+        system_metrics: bool = False,
+    ) -> None:
+        super().__init__(logged)
+        self.client, self.run_id, self.journal, self.on_failure = client, run_id, journal, on_failure
+        self._writer = _Writer(client, run_id)
+        if system_metrics:
+            from clrx.tracking.provenance import system_monitor
+        self._monitor = system_monitor(client, run_id, resume=bool(logged)) if system_metrics else None
+
+    @property
+    def uri(self) -> str:
+        return self.client.tracking_uri
+
+    def flush(self) -> None:
         """Write buffered metrics to the journal and hand them to the writer thread; returns without waiting."""
-        self._check()
+        self.check()
         self._hand_on()
+
+    def take(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Points stamped and filtered elsewhere (``Buffered.points`` in the training process), handed on."""
+        self._metrics.extend(points)
+        self.flush()
 
     def _hand_on(self) -> None:
         if self.journal is not None:
@@ -263,7 +284,7 @@ class Tracker:
         """Return once every metric recorded so far is in the store (or the store has failed)."""
         self.flush()
         self._writer.chunks.join()
-        self._check()
+        self.check()
 
     def persist(self) -> dict[str, int]:
         """Make every point so far durable in the journal; how many were recorded and how many the store took."""
@@ -272,7 +293,8 @@ class Tracker:
             self.journal.persist()
         return {"recorded": self._recorded, "stored": self._writer.stored}
 
-    def _check(self) -> None:
+    def check(self) -> None:
+        """With ``on_failure="stop"``, raise once the store has failed."""
         if self._writer.error is not None and self.on_failure == "stop":
             raise self._failure(self._writer.error)
 
@@ -292,9 +314,11 @@ class Tracker:
                 write(*args)
             except Exception as error:
                 self._writer.failed(error)
-        self._check()
+        self.check()
 
     def params(self, values: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
         if self.journal is not None:
             self.journal.record(params=dict(values))
         items = [Param(key, value) for key, value in values.items()]
@@ -302,6 +326,8 @@ class Tracker:
             self._store(self.client.log_batch, self.run_id, [], items[start : start + PARAMS_PER_BATCH])
 
     def tags(self, values: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         values = {key: str(value) for key, value in values.items()}
         if self.journal is not None:
             self.journal.record(tags=values)
@@ -313,6 +339,10 @@ class Tracker:
     def figure(self, figure: Figure, artifact_file: str) -> None:
         self._store(self.client.log_figure, self.run_id, figure, artifact_file)
 
+    def plot(self, artifact_file: str, draw: Callable[..., Figure], *args: Any) -> None:
+        """The figure ``draw(*args)`` as ``artifact_file``, drawn where the store is written."""
+        self.figure(draw(*args), artifact_file)
+
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._store(self.client.log_artifact, self.run_id, str(path), artifact_path)
 
@@ -321,7 +351,12 @@ class Tracker:
 
     def inputs(self, data: Any) -> None:
         """``data``'s splits as MLflow dataset inputs (see ``provenance.dataset_inputs``)."""
-        self._store(self.client.log_inputs, self.run_id, dataset_inputs(data.name, data.source, data.contents()))
+        self.datasets(data.name, data.source, data.contents())
+
+    def datasets(self, name: str, source: str | None, contents: Mapping[str, tuple[Any, Any]]) -> None:
+        from clrx.tracking.provenance import dataset_inputs
+
+        self._store(self.client.log_inputs, self.run_id, dataset_inputs(name, source, contents))
 
     def model(
         self, model: Any, example: Any, metadata: Mapping[str, Any], step: int, register_as: str | None = None
@@ -333,6 +368,8 @@ class Tracker:
         self.sync()  # the final metrics, which MLflow copies onto the logged model
         if self._writer.error is not None:
             return
+        from clrx.tracking.provenance import log_model
+
         try:
             log_model(self.client, self.run_id, model, example, metadata, step, register_as)
         except Exception as error:
@@ -400,6 +437,9 @@ class Silent:
     def figure(self, figure: Figure, artifact_file: str) -> None:
         pass
 
+    def plot(self, artifact_file: str, draw: Callable[..., Figure], *args: Any) -> None:
+        pass
+
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
@@ -436,8 +476,7 @@ def _reopen(client: MlflowClient, run_id: str, journal: Path | None) -> dict[str
     return stored_steps(client, run_id)
 
 
-@contextmanager
-def tracked_run(
+def open_run(
     client: MlflowClient,
     experiment: str,
     run_name: str | None,
@@ -446,15 +485,16 @@ def tracked_run(
     journal: Path | None = None,
     on_failure: str = "continue",
     system_metrics: bool = False,
-) -> Iterator[Tracker]:
-    """A run that always ends FINISHED, FAILED (reason tagged) or KILLED, never left RUNNING.
+) -> Tracker:
+    """A new run, or ``resume`` (the id of an earlier run) again with its metrics going on where they stopped.
 
-    ``resume`` is the id of an earlier run to continue: its metrics go on where they stopped.
     ``journal`` is the file every point is written to first (see ``clrx.tracking.journal``). A new
     run is tagged as ``mlflow.start_run`` would tag it (user, entry point, git commit), under ``tags``.
     ``system_metrics``: MLflow's monitor samples the machine while the run lasts.
     """
     if resume is None:
+        from clrx.tracking.provenance import context_tags
+
         tags = context_tags(tags)
         run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
         run_id, logged = run.info.run_id, None
@@ -465,6 +505,13 @@ def tracked_run(
         log_file.record(run=run_id, uri=client.tracking_uri, experiment=experiment, name=run_name)
     tracker = Tracker(client, run_id, logged, log_file, on_failure, system_metrics)
     tracker.tags({k: v for k, v in tags.items() if resume is None or not k.startswith("mlflow.")})
+    return tracker
+
+
+@contextmanager
+def closing(tracker: Any) -> Iterator[Any]:
+    """``tracker``'s run ended as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the
+    reason tagged; never left RUNNING."""
     try:
         yield tracker
     except Stopped as stopped:
@@ -482,21 +529,20 @@ def tracked_run(
 
 
 @contextmanager
-def main_run(
-    client: MlflowClient | None,
-    experiment: str,
-    name: str | None,
-    tags: Mapping[str, str],
-    resume: str | None = None,
-    journal: Path | None = None,
-    on_failure: str = "continue",
-    system_metrics: bool = False,
-) -> Iterator[Tracker | Silent]:
-    """The MLflow run of the main process (the one given a client); every other records into nothing."""
-    if client is None:
+def tracked_run(client: MlflowClient, *args: Any, **kwargs: Any) -> Iterator[Tracker]:
+    """A run (``open_run``'s arguments) that always ends FINISHED, FAILED or KILLED, never left RUNNING."""
+    with closing(open_run(client, *args, **kwargs)) as tracker:
+        yield tracker
+
+
+@contextmanager
+def main_run(store: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """The MLflow run (``open_run``'s arguments) of the main process, the one given a ``store``
+    (``clrx.tracking.opening``); every other records into nothing."""
+    if store is None:
         yield Silent()
         return
-    with tracked_run(client, experiment, name, tags, resume, journal, on_failure, system_metrics) as tracker:
+    with store.run(*args, **kwargs) as tracker:
         yield tracker
 
 
@@ -548,6 +594,8 @@ def newest_finished_run(
 def record_failed_job(uri: str, experiment: str, tags: Mapping[str, str], reason: str, run_id: str | None) -> None:
     """End a failed sweep job's run FAILED with ``reason`` (unless it is already), or for a job that
     stopped before its run started create one, so the sweep reports it."""
+    from clrx.tracking.provenance import context_tags
+
     client = open_store(uri)
     if run_id is None:
         run_id = client.create_run(experiment_id(client, experiment), tags=context_tags(tags)).info.run_id

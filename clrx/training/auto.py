@@ -27,7 +27,8 @@ from clrx.training.loop import range_tests
 from clrx.training.session import Session
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from clrx.tracking.opening import LocalStore
+    from clrx.tracking.service import StoreProcess
 
 AUTO = "auto"
 BOUNDS = ("base_lr", "max_lr")
@@ -74,10 +75,10 @@ def range_test_key(cfg: DictConfig, num_iter: int) -> str:
 
 
 def cached_suggestions(
-    client: MlflowClient, experiment: str, key: str
+    store: LocalStore | StoreProcess, experiment: str, key: str
 ) -> tuple[str, dict[str, Suggestion], dict[str, str]] | None:
     """(run id, suggestions, why other rules gave none) of the newest finished range test keyed ``key``."""
-    found = newest_finished_run(client, experiment, "clrx.range_test_key", key)
+    found = store.ask(newest_finished_run, experiment, "clrx.range_test_key", key)
     if found is None:
         return None
     run_id, tags, started = found
@@ -86,7 +87,7 @@ def cached_suggestions(
 
 
 def auto_bounds(
-    session: Session, client: MlflowClient | None, output_dir: Path, run_tags: Mapping[str, str]
+    session: Session, store: LocalStore | StoreProcess | None, output_dir: Path, run_tags: Mapping[str, str]
 ) -> tuple[dict[str, float], str, str]:
     """Bounds for the ``auto`` keys from a range test (cached in the store by its inputs).
 
@@ -97,16 +98,16 @@ def auto_bounds(
     cfg = session.cfg
     policy = build_policy(cfg.range_test, session.steps_per_epoch, session.total_steps, "range_test")
     key = range_test_key(cfg, policy.num_iter)
-    cached = cached_suggestions(client, cfg.tracking.experiment, key) if client is not None else None
+    cached = cached_suggestions(store, cfg.tracking.experiment, key) if store is not None else None
     [cached] = broadcast_object_list([cached])  # the main process looked; all take its answer
     if cached is None:
         saved = copy.deepcopy(session.state()), checkpoint.rng_state()
         tags = {k: v for k, v in run_tags.items() if k not in JOB_TAGS}
         tags.update({"clrx.range_test_key": key, "clrx.policy": "range_test"})
         journal = output_dir / "range_test" / JOURNAL
-        with main_run(client, cfg.tracking.experiment, run_name(cfg, tags), tags, None, journal) as tracker:
+        with main_run(store, cfg.tracking.experiment, run_name(cfg, tags), tags, None, journal) as tracker:
             log_config(tracker, cfg, session.data, output_dir)
-            result = range_tests(session, policy, tracker, client, output_dir / "range_test", "range_test", tags)
+            result = range_tests(session, policy, tracker, store, output_dir / "range_test", "range_test", tags)
         session.load_state(saved[0])
         checkpoint.set_rng_state(saved[1])
         log.info("range test %s ended: %s", result.run_id, result.stop_reason)
@@ -120,7 +121,9 @@ def auto_bounds(
     return {"base_lr": base_lr, "max_lr": max_lr}, policy.rule, run_id
 
 
-def resolve_auto(session: Session, client: MlflowClient | None, output_dir: Path, tags: dict[str, str]) -> DictConfig:
+def resolve_auto(
+    session: Session, store: LocalStore | StoreProcess | None, output_dir: Path, tags: dict[str, str]
+) -> DictConfig:
     """The policy node with automatic LRs filled in; checks the rest of it before any range test."""
     node = session.cfg.policy
     auto = auto_keys(node)
@@ -129,7 +132,7 @@ def resolve_auto(session: Session, client: MlflowClient | None, output_dir: Path
     placeholders = {"base_lr": 1.0, "max_lr": 2.0}
     trial = OmegaConf.merge(node, {key: placeholders.get(key, 1.0) for key in auto})
     build_policy(trial, session.steps_per_epoch, session.total_steps)  # fail now on anything else
-    found, rule, run_id = auto_bounds(session, client, output_dir, tags)
+    found, rule, run_id = auto_bounds(session, store, output_dir, tags)
     resolved = OmegaConf.merge(node, {key: found[bound] for key, bound in auto.items()})
     tags.update({"clrx.range_test_run_id": run_id, "clrx.bounds_rule": rule})
     tags.update({f"clrx.auto.{key}": f"{resolved[key]:.6g}" for key in auto})

@@ -43,7 +43,8 @@ from clrx.training.session import Batch, Session, prepare
 from clrx.training.stop import STOP
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    from clrx.tracking.opening import LocalStore
+    from clrx.tracking.service import StoreProcess
 
 log = logging.getLogger("clrx")
 # A repeat's run is a child of the repeats' run: it takes none of its job's or cache's identity.
@@ -304,8 +305,8 @@ def fit(
         tracker.metrics(test, progress.step)
     totals = {f"best_{metric}": best["value"] for metric, best in progress.bests.items()}
     tracker.metrics({**totals, "train_seconds": progress.seconds, "steps": progress.step}, progress.step)
-    figure = schedule_figure(recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum)
-    tracker.figure(figure, "plots/schedule.png")
+    drawn = recorder.steps, recorder.lrs, recorder.momenta, recorder.losses, session.momentum
+    tracker.plot("plots/schedule.png", schedule_figure, *drawn)
     if trainer.save_model and accelerator.is_main_process:
         checkpoint.write_atomically(session.plain_model.state_dict(), output_dir / "model.pt")
         tracker.tags({"clrx.model_path": str(output_dir / "model.pt")})
@@ -379,7 +380,7 @@ def find_range(session: Session, policy: LRRange, tracker: Tracker, output_dir: 
     output_dir.mkdir(parents=True, exist_ok=True)
     curve.write_csv(output_dir / "range_test.csv")
     tracker.artifact(output_dir / "range_test.csv")
-    tracker.figure(range_figure(curve, suggestions, policy.metric), "plots/range_test.png")
+    tracker.plot("plots/range_test.png", range_figure, curve, suggestions, policy.metric)
     stop_reason = curve.stop_reason or f"completed {policy.num_iter} steps"
     tracker.tags({"clrx.range_test.stop": stop_reason, **suggestion_tags(suggestions, no_suggestion)})
     return Result(
@@ -398,7 +399,7 @@ def range_tests(
     session: Session,
     policy: LRRange,
     tracker: Tracker | Silent,
-    client: MlflowClient | None,
+    store: LocalStore | StoreProcess | None,
     output_dir: Path,
     group: str,
     tags: Mapping[str, str],
@@ -420,7 +421,7 @@ def range_tests(
         child = {**inherited, "mlflow.parentRunId": tracker.run_id, "clrx.seed": str(cfg.trainer.seed)}
         name = f"{tags.get('mlflow.runName', 'range test')} seed {cfg.trainer.seed}"
         where = output_dir / f"seed_{cfg.trainer.seed}"
-        with main_run(client, cfg.tracking.experiment, name, child, None, where / JOURNAL) as run:
+        with main_run(store, cfg.tracking.experiment, name, child, None, where / JOURNAL) as run:
             log_config(run, cfg, each.data, where)
             results.append(find_range(each, policy, run, where, group))
         log.info("range test seed %d ended: %s", cfg.trainer.seed, results[-1].stop_reason)

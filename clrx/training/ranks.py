@@ -97,19 +97,20 @@ def lost(error: BaseException) -> bool:
     )
 
 
-def _end_if_running(uri: str, run_id: str, reason: str) -> bool:
-    """End the run FAILED with ``reason``, unless its main process does so within ``GRACE_S``; whether it fell to us."""
+def _end_if_running(uri: str, run_id: str, reason: str) -> str:
+    """End the run FAILED with ``reason``, unless the main process's side (its store process, which sees it
+    die) does so within ``GRACE_S``; the status the run ended with."""
     from clrx.tracking.store import PARAM_VALUE_LIMIT, open_store
 
     client = open_store(uri)
     deadline = time.monotonic() + GRACE_S
-    while client.get_run(run_id).info.status == "RUNNING":
+    while (status := client.get_run(run_id).info.status) == "RUNNING":
         if time.monotonic() > deadline:
             client.set_tag(run_id, "clrx.failure", reason[:PARAM_VALUE_LIMIT])
             client.set_terminated(run_id, "FAILED")
-            return True
+            return "FAILED"
         time.sleep(0.5)
-    return False
+    return status
 
 
 @contextmanager
@@ -135,7 +136,7 @@ def watched(run_id: str, uri: str, output_dir: Path) -> Iterator[None]:
             raise ProcessLost(f"a process of the launch was lost ({why}); {resume}") from None
         reason = f"the main process was lost ({why})"
         try:
-            said = f"; MLflow run {run_id} ended FAILED" if _end_if_running(uri, run_id, reason) else ""
+            said = f"; MLflow run {run_id} ended {_end_if_running(uri, run_id, reason)}"
         except ClrxError as unusable:  # the store does not answer either
             said = f"; MLflow run {run_id} could not be ended ({unusable})"
         raise ProcessLost(f"{reason}{said}; {resume}") from None

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import get_class
@@ -33,6 +32,10 @@ from clrx.training.finetune import run_policy
 from clrx.training.loop import Result, fit, range_tests
 from clrx.training.session import Session, on_cpu, prepare
 from clrx.training.stop import STOP
+
+if TYPE_CHECKING:
+    from clrx.tracking.opening import LocalStore
+    from clrx.tracking.service import StoreProcess
 
 # Settings a resumed run may change: where and how it reports, not what it computes.
 RESUMABLE_CHANGES = (
@@ -138,17 +141,32 @@ def preview(session: Session, policy: Policy, output_dir: Path) -> Path:
 
 
 def train(
-    cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None = None, store: Future | None = None
+    cfg: DictConfig,
+    output_dir: Path,
+    tags: Mapping[str, str] | None = None,
+    store: LocalStore | StoreProcess | None = None,
 ) -> Result | None:
     """Build everything ``cfg`` describes, check it, then train (or range-test) one MLflow run.
 
     With ``trainer.resume`` a run continues from a checkpoint, in the same MLflow run. With
-    ``trainer.dry_run`` only the schedule is shown (and None returned). ``store``: the client
-    ``open_in_background(cfg)`` is opening, where the caller started it; else it starts here.
+    ``trainer.dry_run`` only the schedule is shown (and None returned). ``store``: the store
+    ``open_in_background(cfg)`` is opening, where the caller started it (and closes it); else it
+    opens here, for this run.
     """
     check_trainer(cfg.trainer)
-    if store is None:
-        store = open_in_background(cfg)
+    if store is not None:
+        return _train(cfg, output_dir, tags, store)
+    store = open_in_background(cfg)
+    try:
+        return _train(cfg, output_dir, tags, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _train(
+    cfg: DictConfig, output_dir: Path, tags: Mapping[str, str] | None, store: LocalStore | StoreProcess | None
+) -> Result | None:
     resumed = ranks.resume_point(cfg.trainer.resume, output_dir, on_cpu(cfg.trainer))
     if resumed is not None:
         path, saved = resumed
@@ -164,7 +182,8 @@ def train(
         _check_policy(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
-    client = None if store is None else store.result()
+    if store is not None:
+        store.ready()
     run_tags = {
         "clrx.output_dir": str(output_dir),
         "clrx.device": str(session.accelerator.device),
@@ -175,7 +194,7 @@ def train(
     else:
         if auto_keys(cfg.policy):  # before the range test that automatic bounds take
             check_policy(session.torch_optimizer, get_class(cfg.policy._target_))
-        node = resolve_auto(session, client, output_dir, run_tags)
+        node = resolve_auto(session, store, output_dir, run_tags)
     policy = run_policy(node, session.steps_per_epoch, session.total_steps, cfg.trainer.freeze_epochs)
     _check_policy(session, policy, "policy")
     if resumed is not None:
@@ -188,7 +207,7 @@ def train(
     names = cfg.tracking.experiment, run_tags["mlflow.runName"]
     tracking = cfg.tracking.on_failure, cfg.tracking.system_metrics
     with (
-        main_run(client, *names, run_tags, resume_id, journal, *tracking) as tracker,
+        main_run(store, *names, run_tags, resume_id, journal, *tracking) as tracker,
         ranks.watched(tracker.run_id, tracker.uri, output_dir),
     ):
         if resumed is None:
@@ -196,7 +215,7 @@ def train(
             tracker.params({"threads": str(torch.get_num_threads())})  # CPU results depend on it
             log_table(tracker, session.optimizer, session.plain_model)
         if isinstance(policy, LRRange):
-            return range_tests(session, policy, tracker, client, output_dir, "policy", run_tags)
+            return range_tests(session, policy, tracker, store, output_dir, "policy", run_tags)
         if node is not cfg.policy:
             tracker.params({f"bounds.{key}": str(node[key]) for key in auto_keys(cfg.policy)})
         with STOP.deferred():  # a signal ends training at a step boundary, with a checkpoint

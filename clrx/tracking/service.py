@@ -1,0 +1,309 @@
+"""The MLflow store in a process of its own, beside a training process that never imports MLflow.
+
+A training command starts it at its first moment (``opening.open_in_background``): importing MLflow
+and opening the store then take another core instead of the training process's interpreter, and
+whatever the store costs later (inserts, figures, the logged model) stays off the training
+process's interpreter too. The training process hands over plain values (points a chunk at a time,
+params, tags, files, figures to draw, the trained model) and waits only where it must: for a run's
+id, for points to be durable at a checkpoint, for a run's end. Here ``store.Tracker`` writes the
+run as it would anywhere (journal first, a low-priority writer thread, replay at the end). If the
+training process dies, the runs it left open end FAILED.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from typing import Any
+
+from clrx.errors import ClrxError, ConfigError
+from clrx.tracking.store import Buffered, Tracker, bound_requests, closing, open_run, open_store
+
+LOST = "the training process ended without closing its run"
+IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR2")  # the training process decides how a run ends
+log = logging.getLogger("clrx")
+
+
+class StoreProcess:
+    """The training process's handle on the store's process: starts it, sends to it, reads its answers."""
+
+    def __init__(self, uri: str, timeout: int, prepare_model: bool) -> None:
+        # A fresh interpreter, whatever this one has started, that imports nothing of the caller's script
+        # (multiprocessing's spawn would import it again); it finds what this process finds.
+        ours, theirs = socket.socketpair()
+        command = [sys.executable, "-c", "from clrx.tracking.service import child; child()", str(theirs.fileno())]
+        paths = os.pathsep.join(path for path in sys.path if path)
+        self._process = subprocess.Popen(
+            command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": paths}
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((sys.argv, uri, timeout, prepare_model))  # MLflow tags a run with the command's argv
+        self.uri = uri
+        self._runs = 0
+        self._raised: BaseException | None = None  # a failure reported while an answer was awaited
+        atexit.register(self.close)
+
+    def ready(self) -> None:
+        """Return once the store is open; a store that cannot be opened is a ConfigError naming tracking.uri."""
+        self.call("ready")
+
+    def ask(self, query: Callable[..., Any], *args: Any) -> Any:
+        """``query(client, *args)``, run where the client is; ``query`` a module-level function, the answer plain."""
+        return self.call("ask", query, *args)
+
+    @contextmanager
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[RemoteTracker]:
+        """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED."""
+        self._runs += 1
+        run_id, uri, logged = self.call("open", self._runs, args, kwargs)
+        with closing(RemoteTracker(self, self._runs, run_id, uri, logged)) as tracker:
+            yield tracker
+
+    def send(self, *message: Any) -> None:
+        """Hand ``message`` over without waiting."""
+        self._exchange(lambda: self._conn.send((False, *message)))
+
+    def call(self, *message: Any) -> Any:
+        """Send ``message`` and wait for its answer (an error there is raised here)."""
+        self._exchange(lambda: self._conn.send((True, *message)))
+        while True:
+            kind, value = self._exchange(self._conn.recv)
+            if kind == "reply":
+                return value
+            if kind == "fail":
+                raise value
+            self._handle(kind, value)
+
+    def poll(self) -> None:
+        """Handle what the store's process said meanwhile: its log lines, and a failure to raise here."""
+        while self._exchange(self._conn.poll):
+            self._handle(*self._exchange(self._conn.recv))
+        raised, self._raised = self._raised, None
+        if raised is not None:
+            raise raised
+
+    def _handle(self, kind: str, value: Any) -> None:
+        if kind == "log":
+            name, level, message = value
+            logging.getLogger(name).log(level, "%s", message)
+        elif self._raised is None:  # "raise": the first failure counts
+            self._raised = value
+
+    def _exchange(self, act: Callable[[], Any]) -> Any:
+        try:
+            return act()
+        except (EOFError, OSError):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+            code = self._process.returncode
+            raise ConfigError("tracking.uri", f"the store's process ended unexpectedly (exit code {code})") from None
+
+    def close(self) -> None:
+        """End the store's process once it has written everything (runs are closed by then)."""
+        atexit.unregister(self.close)
+        if self._process.poll() is None:
+            with contextlib.suppress(OSError):
+                self._conn.send((False, "exit"))
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        self._conn.close()
+
+
+def _forwarded(name: str) -> Callable[..., None]:
+    """A ``RemoteTracker`` method that hands its arguments to the store's ``Tracker.<name>``."""
+
+    def forward(self: RemoteTracker, *args: Any) -> None:
+        self.store.send("do", self.key, name, args)
+
+    forward.__name__, forward.__doc__ = name, getattr(Tracker, name).__doc__
+    return forward
+
+
+class RemoteTracker(Buffered):
+    """A run written by the store's process: ``store.Tracker``'s methods, called from the training process."""
+
+    def __init__(self, store: StoreProcess, key: int, run_id: str, uri: str, logged: dict[str, int]) -> None:
+        super().__init__(logged)
+        self.store, self.key, self.run_id, self.uri = store, key, run_id, uri
+
+    params = _forwarded("params")
+    tags = _forwarded("tags")
+    text = _forwarded("text")
+    artifact = _forwarded("artifact")
+    artifacts = _forwarded("artifacts")
+    plot = _forwarded("plot")
+    datasets = _forwarded("datasets")
+
+    def inputs(self, data: Any) -> None:
+        self.datasets(data.name, data.source, data.contents())
+
+    def flush(self) -> None:
+        """Hand the buffered points on; raise a failure the store's process reported (``on_failure="stop"``)."""
+        self._hand_on()
+        self.store.poll()
+
+    def _hand_on(self) -> None:
+        if self._metrics:
+            self.store.send("do", self.key, "take", (self._metrics,))
+            self._recorded += len(self._metrics)
+            self._metrics = []
+
+    def sync(self) -> None:
+        self.flush()
+        self.store.call("do", self.key, "sync", ())
+
+    def persist(self) -> dict[str, int]:
+        self.flush()
+        return self.store.call("do", self.key, "persist", ())
+
+    def model(self, model: Any, example: Any, metadata: Any, step: int, register_as: str | None = None) -> None:
+        """The trained model as the run's MLflow model, logged by the store's process (``Tracker.model``)."""
+        import torch
+
+        saved = io.BytesIO()
+        torch.save(model, saved)
+        self.flush()
+        self.store.call("model", self.key, saved.getvalue(), example, dict(metadata), step, register_as)
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        self._hand_on()
+        self.store.call("close", self.key, status, reason)
+
+
+class _Forward(logging.Handler):
+    """The store process's log lines (clrx's, and warnings of the libraries under it), said by the training
+    process's loggers of the same names, so they go where that process's logging sends them."""
+
+    def __init__(self, send: Callable[..., None]) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(OSError):
+            self.send("log", (record.name, record.levelno, record.getMessage()))
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` as the training process can raise it without MLflow: clrx's own as they are, others as text."""
+    if isinstance(error, ClrxError):
+        return error
+    return RuntimeError(f"in the store's process: {''.join(traceback.format_exception(error)).strip()}")
+
+
+def _prepare_model() -> None:
+    """While training runs, at the lowest priority: what logging the model will take, so that the end of
+    a run waits for the saving alone."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    from clrx.tracking.provenance import prepare_log_model
+
+    prepare_log_model()
+
+
+def child() -> None:
+    """The store's process: its end of the connection is the file descriptor its command line names."""
+    conn = Connection(int(sys.argv[1]))
+    sys.argv, uri, timeout, prepare_model = conn.recv()
+    serve(conn, uri, timeout, prepare_model)
+
+
+def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None:
+    """The store's process: open ``uri``, then do what the training process sends until it says "exit" or ends."""
+    for name in IGNORED:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    lock = threading.Lock()  # the writer thread's warnings are sent too
+
+    def send(kind: str, value: Any) -> None:
+        with lock:
+            conn.send((kind, value))
+
+    logging.getLogger().addHandler(_Forward(send))
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    bound_requests(timeout)
+    try:
+        client, refused = open_store(uri), None
+    except ClrxError as error:
+        client, refused = None, error
+    preparing = threading.Thread(target=_prepare_model, name="clrx-prepare-model", daemon=True)
+    if prepare_model and refused is None:
+        preparing.start()
+    trackers: dict[int, Tracker] = {}
+    failed: set[int] = set()  # runs whose failure was reported
+
+    def answer(kind: str, *args: Any) -> Any:
+        if refused is not None:
+            raise refused
+        if kind == "ready":
+            return None
+        if kind == "ask":
+            query, *rest = args
+            return query(client, *rest)
+        if kind == "open":
+            key, opening, options = args
+            trackers[key] = tracker = open_run(client, *opening, **options)
+            return tracker.run_id, client.tracking_uri, tracker._logged
+        if kind == "close":
+            key, status, reason = args
+            return trackers.pop(key).finish(status, reason)
+        if kind == "model":
+            import torch
+
+            key, saved, *rest = args
+            if preparing.is_alive():  # two threads importing torchvision at once can break its imports
+                preparing.join()
+            return trackers[key].model(torch.load(io.BytesIO(saved), weights_only=False), *rest)
+        key, method, given = args  # "do"
+        return getattr(trackers[key], method)(*given)
+
+    try:
+        while True:
+            if not conn.poll(0.5):
+                for key, tracker in trackers.items():  # a store that failed while nothing was sent
+                    try:
+                        tracker.check()
+                    except ClrxError as error:
+                        if key not in failed:
+                            failed.add(key)
+                            send("raise", error)
+                continue
+            reply, kind, *args = conn.recv()
+            if kind == "exit":
+                break
+            try:
+                result = answer(kind, *args)
+            except Exception as error:
+                if reply:
+                    send("fail", _portable(error))
+                elif args[0] not in failed:
+                    failed.add(args[0])
+                    send("raise", _portable(error))
+            else:
+                if reply:
+                    send("reply", result)
+    except EOFError:
+        pass
+    finally:
+        for tracker in trackers.values():
+            with contextlib.suppress(Exception):
+                tracker.finish("FAILED", LOST)
+    # Everything is written: end without Python's teardown of torch and MLflow, which takes seconds.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

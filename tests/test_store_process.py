@@ -1,0 +1,147 @@
+"""A training command leaves MLflow to a process of its own: the run is the same, the training process never
+loads MLflow, and a training process that dies leaves no run RUNNING and no process behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow.pytorch
+import psutil
+import pytest
+import torch
+from mlflow.models import Model
+
+from clrx.config.build import instantiate
+from clrx.config.schema import compose_run
+from clrx.errors import ConfigError
+from clrx.tracking.journal import read
+from clrx.tracking.service import LOST, StoreProcess
+from clrx.tracking.store import newest_finished_run
+from tests.conftest import free_port, start_mlflow_server
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ("trainer.epochs=2", "dataset.limit_train=256", "dataset.limit_val=64", "trainer.progress=false")
+# A script without a main guard, as users write them: the store's process must not run it again.
+UNGUARDED = """
+import sys, psutil
+from clrx.__main__ import main
+sys.argv = ["train.py", *sys.argv[1:]]
+main()
+print("loaded:", sorted(m for m in ("mlflow", "matplotlib", "sqlalchemy") if m in sys.modules))
+print("children:", len(psutil.Process().children()))
+"""
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(ROOT), "CLRX_LOG_MODEL": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _store_processes(folder: Path) -> list[psutil.Process]:
+    """Store processes started from ``folder`` that still run."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "cwd"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "clrx.tracking.service" in cmdline and process.info["cwd"] == str(folder):
+            found.append(process)
+    return found
+
+
+def test_a_run_written_by_the_store_process_is_whole_and_the_training_process_never_loads_mlflow(tmp_path, store):
+    uri, client = store
+    script = tmp_path / "train.py"
+    script.write_text(UNGUARDED)
+    done = subprocess.run(
+        [sys.executable, str(script), *SHORT, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "loaded: []" in done.stdout and "children: 0" in done.stdout, done.stdout
+    assert "Error executing job" not in done.stderr  # the script ran once
+
+    [run] = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = int(run.data.metrics["steps"])
+    for key in ("lr", "momentum", "train_loss"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(steps)), key
+    assert run.data.tags["mlflow.source.name"] == "train.py"  # MLflow's own tags see the command, not the store's
+    assert run.data.params["policy.max_lr"] and run.data.params["data.train_images"] == "256"
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/schedule.png"}
+    [logged] = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == run.info.run_id]
+    location = logged.artifact_location.removeprefix("file://")
+    model = mlflow.pytorch.load_model(location)  # weights as trained: the saved model.pt
+    weights = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    example = Model.load(location).load_input_example(location)  # validation images
+    reference = _model_from(weights, run.data.params)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(example))
+        assert torch.allclose(torch.as_tensor(model(torch.from_numpy(example))), expected, atol=1e-5)
+
+
+def _model_from(weights: dict, params: dict) -> torch.nn.Module:
+    """The run's model, built as its config says, with ``weights``."""
+    model = instantiate(compose_run(*SHORT).model, "model", num_classes=int(params["data.num_classes"]), in_chans=1)
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def test_a_killed_training_process_leaves_its_run_failed_and_no_store_process(tmp_path, store):
+    uri, client = store
+    helper = ROOT / "tests" / "helpers" / "killed_at_step.py"
+    args = [sys.executable, str(helper), "5", *SHORT, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    deadline = time.monotonic() + 60
+    while _store_processes(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _store_processes(tmp_path)
+
+    [run] = client.search_runs([client.get_experiment_by_name("clrx").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["clrx.failure"] == LOST
+
+
+def test_a_store_process_answers_queries_and_says_a_store_it_cannot_open_in_one_error(tmp_path, store):
+    uri, client = store
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    opened = StoreProcess(uri, 30, prepare_model=False)
+    refused = StoreProcess(f"sqlite:///{blocked}/mlflow.db", 30, prepare_model=False)
+    try:
+        assert opened.ask(newest_finished_run, "clrx", "a", "b") is None
+        with pytest.raises(ConfigError, match=r"^tracking\.uri: cannot open MLflow store"):
+            refused.ready()
+    finally:
+        opened.close()
+        refused.close()
+
+
+def test_with_on_failure_stop_a_store_gone_mid_run_stops_training_in_one_line_with_every_point_kept(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    run_dir, epochs = tmp_path / "run", 200
+    args = [sys.executable, "-m", "clrx", f"trainer.epochs={epochs}", "trainer.checkpoint_every=5"]
+    args += ["trainer.save_model=false", "tracking.on_failure=stop", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not any((run_dir / "checkpoints").glob("step-*.pt")):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away at once
+        server.wait(timeout=60)
+    [line] = process.communicate(timeout=300)[1].decode().strip().splitlines()
+    assert process.returncode == 2, line
+    assert line.startswith(f"clrx: error: tracking.uri: the MLflow store {uri} stopped taking writes ("), line
+    assert f"every point is kept in {run_dir / 'metrics.jsonl'}" in line
+    taken = sorted(point[3] for point in read(run_dir / "metrics.jsonl").points if point[0] == "lr")
+    assert taken == list(range(len(taken))) and len(taken) < epochs * (1438 // 64)  # stopped, nothing lost
