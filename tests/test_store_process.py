@@ -117,7 +117,7 @@ def test_a_store_process_answers_queries_and_says_a_store_it_cannot_open_in_one_
     try:
         assert opened.ask(newest_finished_run, "clrx", "a", "b") is None
         with pytest.raises(ConfigError, match=r"^tracking\.uri: cannot open MLflow store"):
-            refused.ready()
+            refused.ask(newest_finished_run, "clrx", "a", "b")
     finally:
         opened.close()
         refused.close()
@@ -145,3 +145,45 @@ def test_with_on_failure_stop_a_store_gone_mid_run_stops_training_in_one_line_wi
     assert f"every point is kept in {run_dir / 'metrics.jsonl'}" in line
     taken = sorted(point[3] for point in read(run_dir / "metrics.jsonl").points if point[0] == "lr")
     assert taken == list(range(len(taken))) and len(taken) < epochs * (1438 // 64)  # stopped, nothing lost
+
+
+def test_a_deleted_experiment_is_one_line_before_any_training(tmp_path, store):
+    uri, client = store
+    gone = client.create_experiment("gone")
+    client.delete_experiment(gone)
+    args = [sys.executable, "-m", "clrx", *SHORT, "tracking.experiment=gone", f"tracking.uri={uri}"]
+    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"clrx: error: tracking.experiment: experiment 'gone' is deleted in {uri}; restore it (MLFLOW_TRACKING_URI="
+        f"{uri} mlflow experiments restore --experiment-id {gone})"
+        " or choose another"
+    ], done.stderr
+    assert not list((tmp_path / "outputs").glob("*/*/checkpoints"))
+    restored = subprocess.run(
+        [sys.executable, "-m", "mlflow", "experiments", "restore", "--experiment-id", gone],
+        env={**_env(), "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+    )
+    assert restored.returncode == 0, restored.stderr  # the command the line gives works
+    assert client.get_experiment_by_name("gone").lifecycle_stage == "active"
+    assert client.search_runs([client.get_experiment_by_name("gone").experiment_id]) == []
+
+
+def test_a_run_the_store_cannot_create_is_raised_at_the_next_record_and_nothing_is_left(tmp_path, store):
+    uri, client = store
+    process = StoreProcess(uri, 30, prepare_model=False)
+    try:
+        refused = {"mlflow.runName": "other"}  # MLflow refuses a run named twice, differently
+        with (
+            pytest.raises(RuntimeError, match=r"(?s)^in the store's process: .*'mlflow.runName' tag"),
+            process.run("t", "one", refused, journal=tmp_path / "metrics.jsonl") as tracker,
+        ):
+            for step in range(600):  # training goes on while the run is created; a minute at most
+                tracker.metric("loss", 1.0, step)
+                time.sleep(0.1)
+        assert step < 600
+        assert client.search_runs([client.get_experiment_by_name("t").experiment_id]) == []
+    finally:
+        process.close()
+    assert process._process.returncode == 0  # ended when told, after what it had to do

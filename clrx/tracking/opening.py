@@ -46,10 +46,6 @@ class LocalStore:
     def uri(self) -> str:
         return self.client.tracking_uri
 
-    def ready(self) -> None:
-        """Return once the store is open; a store that cannot be opened is a ConfigError naming tracking.uri."""
-        self._opening.result()
-
     def ask(self, query: Callable[..., Any], *args: Any) -> Any:
         """``query(client, *args)``."""
         return query(self.client, *args)

@@ -23,9 +23,10 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from clrx.errors import ClrxError, ConfigError
@@ -56,20 +57,34 @@ class StoreProcess:
         self._raised: BaseException | None = None  # a failure reported while an answer was awaited
         atexit.register(self.close)
 
-    def ready(self) -> None:
-        """Return once the store is open; a store that cannot be opened is a ConfigError naming tracking.uri."""
-        self.call("ready")
-
     def ask(self, query: Callable[..., Any], *args: Any) -> Any:
         """``query(client, *args)``, run where the client is; ``query`` a module-level function, the answer plain."""
         return self.call("ask", query, *args)
 
     @contextmanager
-    def run(self, *args: Any, **kwargs: Any) -> Iterator[RemoteTracker]:
-        """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED."""
+    def run(
+        self,
+        experiment: str,
+        run_name: str | None,
+        tags: Mapping[str, str],
+        resume: str | None = None,
+        journal: Path | None = None,
+        on_failure: str = "continue",
+        system_metrics: bool = False,
+    ) -> Iterator[RemoteTracker]:
+        """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED.
+
+        A new run is created while training starts: nothing waits for its id until something needs it.
+        A resumed one is awaited, since training goes on from what the store holds of it.
+        """
         self._runs += 1
-        run_id, uri, logged = self.call("open", self._runs, args, kwargs)
-        with closing(RemoteTracker(self, self._runs, run_id, uri, logged)) as tracker:
+        opening = (experiment, run_name, dict(tags), resume, journal, on_failure, system_metrics)
+        if resume is None:
+            self.send("open", self._runs, opening)
+            tracker = RemoteTracker(self, self._runs, None, {})
+        else:
+            tracker = RemoteTracker(self, self._runs, *self.call("open", self._runs, opening))
+        with closing(tracker):
             yield tracker
 
     def send(self, *message: Any) -> None:
@@ -137,9 +152,16 @@ def _forwarded(name: str) -> Callable[..., None]:
 class RemoteTracker(Buffered):
     """A run written by the store's process: ``store.Tracker``'s methods, called from the training process."""
 
-    def __init__(self, store: StoreProcess, key: int, run_id: str, uri: str, logged: dict[str, int]) -> None:
+    def __init__(self, store: StoreProcess, key: int, run_id: str | None, logged: dict[str, int]) -> None:
         super().__init__(logged)
-        self.store, self.key, self.run_id, self.uri = store, key, run_id, uri
+        self.store, self.key, self.uri, self._run_id = store, key, store.uri, run_id
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, asked for the first time it is needed."""
+        if self._run_id is None:
+            self._run_id = self.store.call("id", self.key)
+        return self._run_id
 
     params = _forwarded("params")
     tags = _forwarded("tags")
@@ -152,8 +174,13 @@ class RemoteTracker(Buffered):
     def inputs(self, data: Any) -> None:
         self.datasets(data.name, data.source, data.contents())
 
+    def points(self, points: list[tuple[str, float, int]]) -> None:
+        """As ``Buffered.points``; also raise a failure the store's process reported (a poll: microseconds)."""
+        super().points(points)
+        self.store.poll()
+
     def flush(self) -> None:
-        """Hand the buffered points on; raise a failure the store's process reported (``on_failure="stop"``)."""
+        """Hand the buffered points on; raise a failure the store's process reported."""
         self._hand_on()
         self.store.poll()
 
@@ -182,7 +209,7 @@ class RemoteTracker(Buffered):
 
     def finish(self, status: str, reason: str | None = None) -> None:
         self._hand_on()
-        self.store.call("close", self.key, status, reason)
+        self._run_id = self.store.call("close", self.key, status, reason)
 
 
 class _Forward(logging.Handler):
@@ -246,30 +273,39 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
         preparing.start()
     trackers: dict[int, Tracker] = {}
     failed: set[int] = set()  # runs whose failure was reported
+    unopened: dict[int, Exception] = {}  # runs the store could not create, and why
 
     def answer(kind: str, *args: Any) -> Any:
         if refused is not None:
             raise refused
-        if kind == "ready":
-            return None
         if kind == "ask":
             query, *rest = args
             return query(client, *rest)
+        key = args[0]
+        if key in unopened:
+            raise unopened[key].with_traceback(None)
         if kind == "open":
-            key, opening, options = args
-            trackers[key] = tracker = open_run(client, *opening, **options)
-            return tracker.run_id, client.tracking_uri, tracker._logged
+            try:
+                trackers[key] = tracker = open_run(client, *args[1])
+            except Exception as error:
+                unopened[key] = error
+                raise
+            return tracker.run_id, tracker.logged
+        if kind == "id":
+            return trackers[key].run_id
         if kind == "close":
-            key, status, reason = args
-            return trackers.pop(key).finish(status, reason)
+            _, status, reason = args
+            tracker = trackers.pop(key)
+            tracker.finish(status, reason)
+            return tracker.run_id
         if kind == "model":
             import torch
 
-            key, saved, *rest = args
+            _, saved, *rest = args
             if preparing.is_alive():  # two threads importing torchvision at once can break its imports
                 preparing.join()
             return trackers[key].model(torch.load(io.BytesIO(saved), weights_only=False), *rest)
-        key, method, given = args  # "do"
+        _, method, given = args  # "do"
         return getattr(trackers[key], method)(*given)
 
     try:

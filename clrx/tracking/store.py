@@ -141,6 +141,24 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
+def check_experiment(client: MlflowClient, name: str) -> None:
+    """Refuse a deleted experiment, which takes no runs, before anything is trained; a new one is created
+    with the first run."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        _refuse_deleted(client, found)
+
+
+def _refuse_deleted(client: MlflowClient, found: Any) -> None:
+    if found.lifecycle_stage == "deleted":
+        raise ConfigError(
+            "tracking.experiment",
+            f"experiment {found.name!r} is deleted in {client.tracking_uri}; restore it (MLFLOW_TRACKING_URI="
+            f"{client.tracking_uri} mlflow experiments restore --experiment-id {found.experiment_id}) "
+            "or choose another",
+        )
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment's id, created if new (by one process, when several start at once); marked as
     model training so that MLflow 3's UI opens it on its runs and charts, not on its GenAI traces (a
@@ -153,6 +171,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
                 location = _artifact_location(client.tracking_uri, name)
                 tags = {EXPERIMENT_KIND: MODEL_TRAINING}
                 return client.create_experiment(name, artifact_location=location, tags=tags)
+    _refuse_deleted(client, found)
     if EXPERIMENT_KIND not in found.tags:
         client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return found.experiment_id
@@ -215,6 +234,11 @@ class Buffered:
         self._logged = dict(logged or {})
         self._metrics: list[tuple[str, float, int, int]] = []  # (key, value, ms timestamp, step)
         self._recorded = 0  # points handed on
+
+    @property
+    def logged(self) -> dict[str, int]:
+        """The last step of each metric the run held when it was opened (a resumed run)."""
+        return dict(self._logged)
 
     def metric(self, key: str, value: float, step: int) -> None:
         self.points([(key, value, step)])

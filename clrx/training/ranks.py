@@ -114,17 +114,17 @@ def _end_if_running(uri: str, run_id: str, reason: str) -> str:
 
 
 @contextmanager
-def watched(run_id: str, uri: str, output_dir: Path) -> Iterator[None]:
+def watched(tracker: Any, output_dir: Path) -> Iterator[None]:
     """A multi-process run's body: a collective that fails because a process was lost ends as ProcessLost.
 
     The main process's run then ends FAILED on its way out; where the main process itself was lost,
-    a surviving rank ends it. ``run_id``, ``uri``, ``output_dir``: the main process's (others pass anything).
+    a surviving rank ends it. ``tracker``'s run and ``output_dir``: the main process's (others pass anything).
     """
     if not several():
         yield
         return
     main = PartialState().is_main_process
-    run_id, uri, output_dir = from_main((run_id, uri, str(output_dir)))
+    run_id, uri, output_dir = from_main((tracker.run_id, tracker.uri, str(output_dir)))
     resume = f"resume with trainer.resume=auto hydra.run.dir={output_dir} on every node"
     try:
         yield

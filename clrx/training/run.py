@@ -25,7 +25,7 @@ from clrx.schedules.policies import Hyper, LRRange, Policy
 from clrx.tracking.journal import NAME as JOURNAL
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.plots import schedule_figure
-from clrx.tracking.store import flatten, log_config, main_run, run_name
+from clrx.tracking.store import check_experiment, flatten, log_config, main_run, run_name
 from clrx.training import ranks
 from clrx.training.auto import auto_keys, resolve_auto
 from clrx.training.finetune import run_policy
@@ -182,8 +182,8 @@ def _train(
         _check_policy(session, policy, "policy")
         log.info("schedule plot: %s", preview(session, policy, output_dir))
         return None
-    if store is not None:
-        store.ready()
+    if store is not None:  # the store open, and the run's experiment usable: or one line, before any training
+        store.ask(check_experiment, cfg.tracking.experiment)
     run_tags = {
         "clrx.output_dir": str(output_dir),
         "clrx.device": str(session.accelerator.device),
@@ -208,7 +208,7 @@ def _train(
     tracking = cfg.tracking.on_failure, cfg.tracking.system_metrics
     with (
         main_run(store, *names, run_tags, resume_id, journal, *tracking) as tracker,
-        ranks.watched(tracker.run_id, tracker.uri, output_dir),
+        ranks.watched(tracker, output_dir),
     ):
         if resumed is None:
             log_config(tracker, cfg, session.data, output_dir)
