@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -23,10 +24,9 @@ import subprocess
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 from clrx.errors import ClrxError, ConfigError
@@ -62,24 +62,17 @@ class StoreProcess:
         return self.call("ask", query, *args)
 
     @contextmanager
-    def run(
-        self,
-        experiment: str,
-        run_name: str | None,
-        tags: Mapping[str, str],
-        resume: str | None = None,
-        journal: Path | None = None,
-        on_failure: str = "continue",
-        system_metrics: bool = False,
-    ) -> Iterator[RemoteTracker]:
-        """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED.
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[RemoteTracker]:
+        """A run (``store.open_run``'s arguments after the client) that always ends FINISHED, FAILED or KILLED.
 
         A new run is created while training starts: nothing waits for its id until something needs it.
         A resumed one is awaited, since training goes on from what the store holds of it.
         """
         self._runs += 1
-        opening = (experiment, run_name, dict(tags), resume, journal, on_failure, system_metrics)
-        if resume is None:
+        bound = inspect.signature(open_run).bind(None, *args, **kwargs)
+        bound.apply_defaults()
+        opening = bound.args[1:]
+        if bound.arguments.get("resume") is None:
             self.send("open", self._runs, opening)
             tracker = RemoteTracker(self, self._runs, None, {})
         else:
