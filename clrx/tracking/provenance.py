@@ -95,10 +95,9 @@ def requirements() -> list[str]:
 
 
 def prepare_log_model() -> None:
-    """What ``log_model``'s first call would do besides saving: load torch, timm, MLflow's torch flavor and
-    matplotlib, set up ``torch.export`` (MLflow saves models in its pt2 format), and let MLflow map the
-    installed packages, which it does to check the requirements."""
-    import matplotlib.figure  # noqa: F401  (the run's figures)
+    """What ``log_model``'s first call would do besides saving: load torch, timm and MLflow's torch flavor,
+    set up ``torch.export`` (MLflow saves models in its pt2 format), and let MLflow map the installed
+    packages, which it does to check the requirements."""
     import torch
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 

@@ -18,6 +18,7 @@ import inspect
 import io
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -225,14 +226,17 @@ def _portable(error: BaseException) -> BaseException:
     return RuntimeError(f"in the store's process: {''.join(traceback.format_exception(error)).strip()}")
 
 
-def _prepare_model() -> None:
-    """While training runs, at the lowest priority: what logging the model will take, so that the end of
-    a run waits for the saving alone."""
+def _prepare(model: bool) -> None:
+    """While training runs, at the lowest priority: load what the run's figures and (``model``) logging its
+    model will take, so that the end of a run waits for the drawing and saving alone."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    from clrx.tracking.provenance import prepare_log_model
+    import matplotlib.figure  # noqa: F401
 
-    prepare_log_model()
+    if model:
+        from clrx.tracking.provenance import prepare_log_model
+
+        prepare_log_model()
 
 
 def child() -> None:
@@ -261,8 +265,8 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
         client, refused = open_store(uri), None
     except ClrxError as error:
         client, refused = None, error
-    preparing = threading.Thread(target=_prepare_model, name="clrx-prepare-model", daemon=True)
-    if prepare_model and refused is None:
+    preparing = threading.Thread(target=_prepare, args=(prepare_model,), name="clrx-prepare", daemon=True)
+    if refused is None:
         preparing.start()
     trackers: dict[int, Tracker] = {}
     failed: set[int] = set()  # runs whose failure was reported
@@ -295,15 +299,25 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
             import torch
 
             _, saved, *rest = args
-            if preparing.is_alive():  # two threads importing torchvision at once can break its imports
-                preparing.join()
+            preparing.join()  # two threads importing torchvision at once can break its imports
             return trackers[key].model(torch.load(io.BytesIO(saved), weights_only=False), *rest)
         _, method, given = args  # "do"
         return getattr(trackers[key], method)(*given)
 
+    inbox: queue.Queue = queue.Queue()
+
+    def read() -> None:  # everything as it arrives: the training process never waits for a send
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                inbox.put(conn.recv())
+        inbox.put(None)  # the training process is gone
+
+    threading.Thread(target=read, name="clrx-inbox", daemon=True).start()
     try:
         while True:
-            if not conn.poll(0.5):
+            try:
+                message = inbox.get(timeout=0.5)
+            except queue.Empty:
                 for key, tracker in trackers.items():  # a store that failed while nothing was sent
                     try:
                         tracker.check()
@@ -312,9 +326,9 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
                             failed.add(key)
                             send("raise", error)
                 continue
-            reply, kind, *args = conn.recv()
-            if kind == "exit":
+            if message is None or message[1] == "exit":
                 break
+            reply, kind, *args = message
             try:
                 result = answer(kind, *args)
             except Exception as error:
@@ -326,8 +340,6 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
             else:
                 if reply:
                     send("reply", result)
-    except EOFError:
-        pass
     finally:
         for tracker in trackers.values():
             with contextlib.suppress(Exception):
