@@ -8,6 +8,7 @@ sweep's parent, a test) opens the store in a thread. Either handle is what ``sto
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +67,7 @@ def open_in_background(cfg: DictConfig) -> LocalStore | StoreProcess | None:
     if not main_process() or cfg.trainer.dry_run:
         return None
     uri = cfg.tracking.uri or default_uri()
-    if "mlflow" not in sys.modules:
+    if "mlflow" not in sys.modules and os.name == "posix":  # it inherits its connection's file descriptor
         from clrx.tracking.service import StoreProcess
 
         return StoreProcess(uri, cfg.tracking.timeout, cfg.tracking.log_model)
