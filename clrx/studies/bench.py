@@ -36,7 +36,7 @@ from clrx.config.schema import compose_run
 from clrx.errors import user_errors
 from clrx.studies.hand_loop import hand_loop
 from clrx.tracking.service import StoreProcess
-from clrx.tracking.store import METRICS_PER_BATCH, open_store
+from clrx.tracking.store import METRICS_PER_BATCH, check_experiment, open_store
 from clrx.training.recorder import Recorder
 from clrx.training.session import prepare
 
@@ -86,6 +86,7 @@ def _logging_cost(uri: str, steps: int) -> dict[str, float]:
     the store process spends off the training process.
     """
     client, store = open_store(uri), StoreProcess(uri, 20, prepare_model=False)
+    store.ask(check_experiment, "bench")  # started, as a run's store process is by its first step
     with store.run("bench", "logging cost", {}) as tracker:
         recorder, loss = Recorder(tracker, "momentum", every=10), torch.tensor(0.5)
         wall, cpu = time.perf_counter(), time.thread_time()
@@ -114,6 +115,7 @@ def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, 
     policy = build_policy(cfg.policy, session.steps_per_epoch, total)
     reference = hand_loop(cfg, total_steps=total)
     store = StoreProcess(uri, 20, prepare_model=False)
+    store.ask(check_experiment, "bench")
     with store.run("bench", "clrx loop", {}) as tracker:
         recorder, stream, step = Recorder(tracker, session.momentum, cfg.trainer.log_every), session.batches(), 0
 
