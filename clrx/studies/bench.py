@@ -23,7 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,19 @@ def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
     return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
+@contextmanager
+def _run_in_store_process(uri: str, name: str) -> Iterator[Any]:
+    """A run written by a store process, as ``python -m clrx`` writes one; the process is up before the
+    run starts, as a run's is by its first step."""
+    store = StoreProcess(uri, 20, prepare_model=False)
+    try:
+        store.ask(check_experiment, "bench")
+        with store.run("bench", name, {}) as tracker:
+            yield tracker
+    finally:
+        store.close()
+
+
 def _logging_cost(uri: str, steps: int) -> dict[str, float]:
     """Microseconds a step of recording lr, momentum and loss, in a loop that does nothing else.
 
@@ -85,9 +99,8 @@ def _logging_cost(uri: str, steps: int) -> dict[str, float]:
     process, as ``python -m clrx`` does; then the store's own time to write a step's points, which
     the store process spends off the training process.
     """
-    client, store = open_store(uri), StoreProcess(uri, 20, prepare_model=False)
-    store.ask(check_experiment, "bench")  # started, as a run's store process is by its first step
-    with store.run("bench", "logging cost", {}) as tracker:
+    client = open_store(uri)
+    with _run_in_store_process(uri, "logging cost") as tracker:
         recorder, loss = Recorder(tracker, "momentum", every=10), torch.tensor(0.5)
         wall, cpu = time.perf_counter(), time.thread_time()
         for step in range(steps):
@@ -99,7 +112,6 @@ def _logging_cost(uri: str, steps: int) -> dict[str, float]:
         for first in range(0, len(points), METRICS_PER_BATCH):
             client.log_batch(tracker.run_id, metrics=points[first : first + METRICS_PER_BATCH])
         written = (time.perf_counter() - start) / (steps // 10)
-    store.close()
     return {
         "logging_us_per_step": wall / steps * 1e6,
         "logging_cpu_us_per_step": cpu / steps * 1e6,
@@ -114,9 +126,7 @@ def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, 
     session = prepare(cfg)
     policy = build_policy(cfg.policy, session.steps_per_epoch, total)
     reference = hand_loop(cfg, total_steps=total)
-    store = StoreProcess(uri, 20, prepare_model=False)
-    store.ask(check_experiment, "bench")
-    with store.run("bench", "clrx loop", {}) as tracker:
+    with _run_in_store_process(uri, "clrx loop") as tracker:
         recorder, stream, step = Recorder(tracker, session.momentum, cfg.trainer.log_every), session.batches(), 0
 
         def clrx_loop(steps: int) -> None:
@@ -137,7 +147,6 @@ def _per_step(cfg: DictConfig, uri: str, block: int, repeats: int) -> dict[str, 
             for name, loop in loops[repeat % 2 :] + loops[: repeat % 2]:  # neither always goes first
                 times[name].append(_timed(loop, block))
         recorder.drain()
-    store.close()
     return times
 
 

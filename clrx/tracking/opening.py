@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -54,11 +54,9 @@ class LocalStore:
     def close(self) -> None:
         """Nothing to end: the client goes with this process."""
 
-    @contextmanager
-    def run(self, *args: Any, **kwargs: Any) -> Iterator[Tracker]:
+    def run(self, *args: Any, **kwargs: Any) -> AbstractContextManager[Tracker]:
         """A run (``store.open_run``'s arguments) that always ends FINISHED, FAILED or KILLED."""
-        with tracked_run(self.client, *args, **kwargs) as tracker:
-            yield tracker
+        return tracked_run(self.client, *args, **kwargs)
 
 
 def open_in_background(cfg: DictConfig) -> LocalStore | StoreProcess | None:

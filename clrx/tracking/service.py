@@ -31,7 +31,15 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from clrx.errors import ClrxError, ConfigError
-from clrx.tracking.store import Buffered, Tracker, bound_requests, closing, open_run, open_store
+from clrx.tracking.store import (
+    Buffered,
+    Tracker,
+    bound_requests,
+    closing,
+    lowest_priority,
+    open_run,
+    open_store,
+)
 
 LOST = "the training process ended without closing its run"
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR2")  # the training process decides how a run ends
@@ -164,9 +172,7 @@ class RemoteTracker(Buffered):
     artifacts = _forwarded("artifacts")
     plot = _forwarded("plot")
     datasets = _forwarded("datasets")
-
-    def inputs(self, data: Any) -> None:
-        self.datasets(data.name, data.source, data.contents())
+    inputs = Tracker.inputs  # through datasets, with the data's plain contents
 
     def points(self, points: list[tuple[str, float, int]]) -> None:
         """As ``Buffered.points``; also raise a failure the store's process reported (a poll: microseconds)."""
@@ -229,8 +235,7 @@ def _portable(error: BaseException) -> BaseException:
 def _prepare(model: bool) -> None:
     """While training runs, at the lowest priority: load what the run's figures and (``model``) logging its
     model will take, so that the end of a run waits for the drawing and saving alone."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    lowest_priority()
     import matplotlib.figure  # noqa: F401
 
     if model:
@@ -271,6 +276,11 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
     trackers: dict[int, Tracker] = {}
     failed: set[int] = set()  # runs whose failure was reported
     unopened: dict[int, Exception] = {}  # runs the store could not create, and why
+
+    def report(key: int, error: BaseException) -> None:  # once a run: the training process raises it
+        if key not in failed:
+            failed.add(key)
+            send("raise", _portable(error))
 
     def answer(kind: str, *args: Any) -> Any:
         if refused is not None:
@@ -322,9 +332,7 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
                     try:
                         tracker.check()
                     except ClrxError as error:
-                        if key not in failed:
-                            failed.add(key)
-                            send("raise", error)
+                        report(key, error)
                 continue
             if message is None or message[1] == "exit":
                 break
@@ -334,9 +342,8 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
             except Exception as error:
                 if reply:
                     send("fail", _portable(error))
-                elif args[0] not in failed:
-                    failed.add(args[0])
-                    send("raise", _portable(error))
+                else:
+                    report(args[0], error)
             else:
                 if reply:
                     send("reply", result)

@@ -177,6 +177,12 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     return found.experiment_id
 
 
+def lowest_priority() -> None:
+    """The calling thread at the lowest CPU priority: background work never takes a core from training."""
+    with contextlib.suppress(OSError):  # Linux sets a thread's own niceness; elsewhere, run as is
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 class _Writer:
     """A low-priority thread that writes metric chunks to the store in the order given.
 
@@ -195,8 +201,7 @@ class _Writer:
     def _run(self) -> None:
         from mlflow.entities import Metric
 
-        with contextlib.suppress(OSError):  # Linux sets a thread's own niceness; elsewhere, run as is
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        lowest_priority()
         while (chunk := self.chunks.get()) is not None:
             try:
                 if self.error is None:  # MLflow's entities are built here, off the training thread
@@ -278,9 +283,11 @@ class Tracker(Buffered):
         super().__init__(logged)
         self.client, self.run_id, self.journal, self.on_failure = client, run_id, journal, on_failure
         self._writer = _Writer(client, run_id)
+        self._monitor = None
         if system_metrics:
             from clrx.tracking.provenance import system_monitor
-        self._monitor = system_monitor(client, run_id, resume=bool(logged)) if system_metrics else None
+
+            self._monitor = system_monitor(client, run_id, resume=bool(logged))
 
     @property
     def uri(self) -> str:
