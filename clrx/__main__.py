@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from clrx.config.schema import CONF, check_added, check_claims, main_process, prefer_given, register, worst
 from clrx.errors import USER_ERRORS, ClrxError, ProcessLost, Stopped, TrainingDiverged, exit_with, one_line, user_errors
+from clrx.lifetime import load, no_collection_at_exit
 from clrx.range_test.suggest import bounds
 from clrx.tracking.opening import open_in_background
 from clrx.tracking.sweep import abort_open_sweeps, register_sweeps
@@ -122,7 +123,7 @@ def _run(cfg: DictConfig, hydra_cfg: DictConfig, tags: dict[str, str]) -> Result
         cfg.trainer.resume = "auto"
     store = open_in_background(cfg)  # while torch, timm and the data load
     # torch, timm and MLflow load here, not at import: --help and --cfg compose without them.
-    from clrx.training.run import train
+    train = load("clrx.training.run").train
 
     try:  # stop.STOP, not a copy: submitit's launcher pickles this module's functions by value
         with stop.STOP.installed():
@@ -193,6 +194,7 @@ def _report_range_test(result: Result, node: DictConfig) -> None:
 
 def main() -> None:
     """Run the app; a bad config ends as one line on stderr and exit status 2 (1: a run diverged, sweep jobs failed)."""
+    no_collection_at_exit()
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         app()
         return

@@ -123,6 +123,28 @@ def test_a_store_process_answers_queries_and_says_a_store_it_cannot_open_in_one_
         refused.close()
 
 
+def _niceness(task: Path) -> int:
+    return int((task / "stat").read_text().rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads threads' niceness from /proc")
+def test_every_thread_of_the_store_process_yields_the_cores_to_training(tmp_path, store):
+    uri, client = store
+    process = StoreProcess(uri, 30, prepare_model=False)
+    try:
+        with process.run("clrx", "niced", {}) as tracker:
+            tracker.metric("loss", 1.0, 0)
+            tracker.sync()  # its writer thread has started and written
+            [child] = [p for p in psutil.Process().children() if "clrx.tracking.service" in " ".join(p.cmdline())]
+            tasks = list(Path(f"/proc/{child.pid}/task").iterdir())
+            assert len(tasks) >= 3  # the main thread, the reader, the writer (and the preparing thread)
+            assert {_niceness(task) for task in tasks} == {19}
+            assert _niceness(Path("/proc/self")) == os.nice(0)  # the training process keeps its own
+        assert client.get_metric_history(tracker.run_id, "loss")[0].value == 1.0
+    finally:
+        process.close()
+
+
 def test_with_on_failure_stop_a_store_gone_mid_run_stops_training_in_one_line_with_every_point_kept(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

@@ -2,7 +2,8 @@
 
     python -m clrx.studies.hand_loop [overrides]    # the overrides of python -m clrx; prints one JSON line
 
-Only the setup reads clrx: the config's values, the dataset's tensors and the model. The run itself
+Only the setup reads clrx: the config's values, the dataset's tensors and the model (and the clock
+of its start-up figure is clrx's, as a run's is). The run itself
 is plain PyTorch: the tensors on the device, each epoch's batches drawn there by a permutation, the
 augmentation written inline, torch's SGD and ``OneCycleLR`` (momentum cycled), autocast and
 channels_last as configured, evaluation every epoch with one read of its sums, the weights saved at
@@ -18,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from clrx.config.build import instantiate
 from clrx.config.schema import compose_run
 from clrx.data.splits import build_data
+from clrx.lifetime import process_age
 
 
 @dataclass
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = compose_run(*(sys.argv[1:] if argv is None else argv))
     loop = hand_loop(cfg)
     begin = time.perf_counter()
-    startup = time.time() - psutil.Process().create_time()
+    startup = process_age()
     for _ in range(cfg.trainer.epochs):
         for _ in range(loop.steps_per_epoch):
             loop.step()

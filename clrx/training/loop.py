@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 import torch
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from clrx.config.schema import watched_metrics
 from clrx.errors import ConfigError, Stopped
+from clrx.lifetime import process_age
 from clrx.param_groups import scales
 from clrx.range_test.curve import Curve
 from clrx.range_test.figure import range_figure
@@ -256,7 +256,7 @@ def fit(
 
     start = time.perf_counter() - progress.seconds
     # Command to first step: the process's age now, imports and start-up included.
-    tracker.metric("startup_seconds", time.time() - psutil.Process().create_time(), progress.step)
+    tracker.metric("startup_seconds", process_age(), progress.step)
     session.model.train()
     try:  # closed also when the run stops early: a message must not land on the bar's line
         last = trainer.epochs if progress.stopped is None else progress.step // per_epoch
