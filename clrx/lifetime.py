@@ -19,8 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
-import psutil
-
 
 @contextmanager
 def lasting() -> Iterator[None]:
@@ -66,4 +64,6 @@ def process_age() -> float:
             ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks
         return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, AttributeError, ValueError):  # no /proc, or no boot-time clock
+        import psutil
+
         return time.time() - psutil.Process().create_time()
