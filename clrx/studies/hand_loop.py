@@ -3,11 +3,10 @@
     python -m clrx.studies.hand_loop [overrides]    # the overrides of python -m clrx; prints one JSON line
 
 Only the setup reads clrx: the config's values, the dataset's tensors and the model (and the clock
-of its start-up figure is clrx's, as a run's is). The run itself
-is plain PyTorch: the tensors on the device, each epoch's batches drawn there by a permutation, the
-augmentation written inline, torch's SGD and ``OneCycleLR`` (momentum cycled), autocast and
-channels_last as configured, evaluation every epoch with one read of its sums, the weights saved at
-the end, no tracking.
+of its start-up figure is clrx's, as a run's is). The run itself is plain PyTorch: the tensors on
+the device, each epoch's batches drawn there by a permutation, the augmentation written inline,
+torch's SGD and ``OneCycleLR`` (momentum cycled), autocast and channels_last as configured,
+evaluation every epoch with one read of its sums, the weights saved at the end, no tracking.
 """
 
 from __future__ import annotations

@@ -237,9 +237,9 @@ def _prepare(model: bool) -> None:
     """While training runs: load what the run's figures and (``model``) logging its model will take, so that
     the end of a run waits for the drawing and saving alone where a core was free meanwhile.
 
-    The collector stays off until then (``lasting``: a second less of loading on two cores), also where
-    training leaves no core and this waits for the end: the store's writes make little cyclic garbage
-    (about 20 objects a chunk of 1000 points).
+    The collector stays off while this loads (``lasting``: a second less of loading on two cores), also
+    where training leaves no core and the loading lasts until the run's end: the store's writes
+    meanwhile make little cyclic garbage (about 20 objects a chunk of 1000 points).
     """
     with lasting():
         import matplotlib.figure  # noqa: F401
