@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from timm.models import load_state_dict, register_model
 from timm.models.resnet import BasicBlock, ResNet
+from torch.export import Dim
 
-from clrx.errors import ConfigError
+from clrx.errors import ConfigError, one_line
 
 log = logging.getLogger("clrx")
 
@@ -88,3 +91,29 @@ def create_model(
     if pretrained is not None:
         _load_local(model, pretrained)
     return model
+
+
+def exported(model: torch.nn.Module, example: np.ndarray) -> dict[str, Any] | None:
+    """What the run's MLflow model holds of ``model`` (``clrx.tracking.pt2`` writes it), made where torch
+    and the model's code are loaded already: ``torch.export``'s program for inputs like ``example``
+    with the batch dimension free, as ``mlflow.pytorch`` exports it, saved as bytes; the outputs on
+    ``example`` (the signature's); torch's version.
+
+    None, with a warning, for a model ``torch.export`` cannot trace: a run does not fail for it.
+    """
+    inputs = (torch.from_numpy(example),)
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+        program = torch.export.export(model, inputs, dynamic_shapes=[{0: Dim.AUTO}])
+    except Exception as error:
+        log.warning("tracking.log_model: the model was not logged: torch.export cannot trace it: %s", one_line(error))
+        return None
+    saved = io.BytesIO()
+    torch.export.save(program, saved)
+    return {
+        "program": saved.getvalue(),
+        "outputs": outputs.numpy(),
+        "input_example": example,
+        "torch_version": str(torch.__version__),
+    }

@@ -36,7 +36,7 @@ def tracked(tmp_path_factory, empty_store):
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "train")
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     (repo / "mlflow.db").write_bytes(empty_store.read_bytes())
-    env = {**os.environ, "CI": "true", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = {**os.environ, "CI": "true", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     records = ("tracking.log_model=true", "tracking.system_metrics=true", "tracking.register_as=digits_net")
     args = [*QUICK, *records, "hydra.run.dir=run"]

@@ -86,62 +86,65 @@ def _fluent_store(uri: str) -> Iterator[None]:
 
 
 def requirements() -> list[str]:
-    """A logged model's pip requirements: MLflow's for torch, and timm. Named, they are not inferred,
-    which would load the model again in a new interpreter."""
-    import mlflow.pytorch
-    import timm
+    """A logged model's pip requirements, pinned to what is installed: ``mlflow.pytorch``'s (torch and
+    cloudpickle), and timm. Named, they are not inferred, which would load the model again in a new
+    interpreter; read from the packages' metadata, without importing torch (``mlflow.pytorch`` does)."""
+    from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [*mlflow.pytorch.get_default_pip_requirements(), f"timm=={timm.__version__}"]
+    return [_get_pinned_requirement(package) for package in ("torch", "cloudpickle", "timm")]
 
 
 def prepare_log_model() -> None:
-    """What ``log_model``'s first call would do besides saving: load torch, timm and MLflow's torch flavor,
-    set up ``torch.export`` (MLflow saves models in its pt2 format), and let MLflow map the installed
-    packages, which it does to check the requirements."""
-    import torch
+    """What ``log_model``'s first call would do besides saving: load MLflow's model format, and let MLflow
+    map the installed packages, which it does to check the requirements."""
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
-    torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(3, 2),))
+    import clrx.tracking.pt2  # noqa: F401
+
     warn_dependency_requirement_mismatches(requirements())
 
 
 def log_model(
     client: MlflowClient,
     run_id: str,
-    model: Any,
-    example: np.ndarray,
+    exported: Mapping[str, Any],
     metadata: Mapping[str, Any],
     step: int,
     register_as: str | None = None,
 ) -> Any:
-    """``model`` (a CPU torch module in eval mode) as the run's MLflow model ``model``: mlflow.pytorch's
-    format, with ``example`` (a few inputs as the model takes them), the signature of its outputs on
-    them, ``metadata``, and the run's metrics at ``step``; registered as ``register_as`` if given.
+    """The trained model, ``exported`` where it trained (``models.exported``: torch.export's program, an
+    input example, the outputs on it), as the run's MLflow model ``model`` in ``mlflow.pytorch``'s pt2
+    format (``pt2``), with the signature of the example and its outputs, ``metadata``, and the run's
+    metrics at ``step``; registered as ``register_as`` if given. Nothing here loads torch.
 
-    The logged model is created in the run's experiment first: ``log_model`` without an active run
+    The logged model is created in the run's experiment first: ``Model.log`` without an active run
     would put it in the default experiment, where ``runs:/<id>/model`` does not find it.
     """
-    import mlflow.pytorch  # torch's flavor: only where a model is logged
-    import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import Model, infer_signature
 
-    with torch.no_grad():
-        outputs = model(torch.from_numpy(example)).numpy()
+    from clrx.tracking import pt2
+
     run = client.get_run(run_id)
     logged = client.create_logged_model(
         run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=run.data.params
     )
+    example = exported["input_example"]
     with _fluent_store(client.tracking_uri):
-        return mlflow.pytorch.log_model(
-            model,
+        return Model.log(
+            artifact_path=None,
             name=MODEL_NAME,
+            flavor=pt2,
+            flavor_name=pt2.FLAVOR,
             model_id=logged.model_id,
             run_id=run_id,
-            input_example=example,
-            signature=infer_signature(example, outputs),
             metadata=dict(metadata),
-            pip_requirements=requirements(),
             registered_model_name=register_as,
             step=step,
+            program=exported["program"],
+            torch_version=exported["torch_version"],
+            input_example=example,
+            signature=infer_signature(example, exported["outputs"]),
+            pip_requirements=requirements(),
+            serialization_format="pt2",
             validate_serving_input=False,  # it loads the model again to run the example the signature came from
         )

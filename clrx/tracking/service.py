@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import inspect
-import io
 import logging
 import os
 import queue
@@ -199,14 +198,10 @@ class RemoteTracker(Buffered):
         self.flush()
         return self.store.call("do", self.key, "persist", ())
 
-    def model(self, model: Any, example: Any, metadata: Any, step: int, register_as: str | None = None) -> None:
+    def model(self, exported: Any, metadata: Any, step: int, register_as: str | None = None) -> None:
         """The trained model as the run's MLflow model, logged by the store's process (``Tracker.model``)."""
-        import torch
-
-        saved = io.BytesIO()
-        torch.save(model, saved)
         self.flush()
-        self.store.call("model", self.key, saved.getvalue(), example, dict(metadata), step, register_as)
+        self.store.call("model", self.key, dict(exported), dict(metadata), step, register_as)
 
     def finish(self, status: str, reason: str | None = None) -> None:
         self._hand_on()
@@ -237,9 +232,9 @@ def _prepare(model: bool) -> None:
     """While training runs: load what the run's figures and (``model``) logging its model will take, so that
     the end of a run waits for the drawing and saving alone where a core was free meanwhile.
 
-    The collector stays off while this loads (``lasting``: a second less of loading on two cores), also
-    where training leaves no core and the loading lasts until the run's end: the store's writes
-    meanwhile make little cyclic garbage (about 20 objects a chunk of 1000 points).
+    The collector stays off while this loads (``lasting``), also where training leaves no core and the
+    loading lasts until the run's end: the store's writes meanwhile make little cyclic garbage (about
+    20 objects a chunk of 1000 points).
     """
     with lasting():
         import matplotlib.figure  # noqa: F401
@@ -316,11 +311,8 @@ def serve(conn: Connection, uri: str, timeout: int, prepare_model: bool) -> None
             tracker.finish(status, reason)
             return tracker.run_id
         if kind == "model":
-            import torch
-
-            _, saved, *rest = args
-            preparing.join()  # two threads importing torchvision at once can break its imports
-            return trackers[key].model(torch.load(io.BytesIO(saved), weights_only=False), *rest)
+            preparing.join()  # what it loads, this needs: loading it here at the same time gains nothing
+            return trackers[key].model(*args[1:])
         _, method, given = args  # "do"
         return getattr(trackers[key], method)(*given)
 

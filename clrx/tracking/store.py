@@ -390,9 +390,10 @@ class Tracker(Buffered):
         self._store(self.client.log_inputs, self.run_id, dataset_inputs(name, source, contents))
 
     def model(
-        self, model: Any, example: Any, metadata: Mapping[str, Any], step: int, register_as: str | None = None
+        self, exported: Mapping[str, Any], metadata: Mapping[str, Any], step: int, register_as: str | None = None
     ) -> None:
-        """The trained model as the run's MLflow model (see ``provenance.log_model``), with the metrics at ``step``.
+        """The trained model (``models.exported``) as the run's MLflow model (see ``provenance.log_model``), with
+        the metrics at ``step``.
 
         A model MLflow cannot save is a warning, not the run's failure: its weights are in model.pt.
         """
@@ -402,7 +403,7 @@ class Tracker(Buffered):
         from clrx.tracking.provenance import log_model
 
         try:
-            log_model(self.client, self.run_id, model, example, metadata, step, register_as)
+            log_model(self.client, self.run_id, exported, metadata, step, register_as)
         except Exception as error:
             log.warning("tracking.log_model: the model was not logged: %s", _reason(error))
 
@@ -481,7 +482,7 @@ class Silent:
         pass
 
     def model(
-        self, model: Any, example: Any, metadata: Mapping[str, Any], step: int, register_as: str | None = None
+        self, exported: Mapping[str, Any], metadata: Mapping[str, Any], step: int, register_as: str | None = None
     ) -> None:
         pass
 

@@ -313,15 +313,15 @@ def fit(
         if session.ema is not None:
             checkpoint.write_atomically(session.ema.module.state_dict(), output_dir / "model_ema.pt")
             tracker.tags({"clrx.model_ema_path": str(output_dir / "model_ema.pt")})
-    if cfg.tracking.log_model and accelerator.is_main_process:
-        model, example = session.exported()
+    exported = session.exported() if cfg.tracking.log_model and accelerator.is_main_process else None
+    if exported is not None:
         metadata = {
             "timm_model": cfg.model.name,
             "model_config": OmegaConf.to_container(cfg.model, resolve=True),
             "num_classes": session.data.num_classes,
             "in_chans": session.data.in_chans,
         }
-        tracker.model(model, example, metadata, progress.step, cfg.tracking.register_as)
+        tracker.model(exported, metadata, progress.step, cfg.tracking.register_as)
     return Result(
         run_id=tracker.run_id,
         tracking_uri=tracker.uri,

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -40,6 +39,7 @@ from clrx.config.build import build_optimizer, instantiate
 from clrx.config.schema import TOP5_ABOVE, check_launch, check_metrics, check_trainer
 from clrx.data.splits import DeviceBatches, Splits, TensorImages, build_data
 from clrx.errors import ConfigError
+from clrx.models import exported
 from clrx.optim import effective_lr, schedule_free
 from clrx.schedules.apply import applied_momentum, apply_hyper, momentum_name
 from clrx.schedules.policies import Policy
@@ -244,9 +244,10 @@ class Session:
         """The model without DDP or torch.compile wrappers: its weights load into a freshly built one."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def exported(self, examples: int = 2) -> tuple[torch.nn.Module, np.ndarray]:
-        """A copy of the trained model on the CPU in eval mode, and the first ``examples`` validation images
-        as it takes them (normalized): what a user loads and feeds.
+    def exported(self, examples: int = 2) -> dict[str, Any] | None:
+        """The trained model as the run's MLflow model holds it (``models.exported``): a copy on the CPU in
+        eval mode, exported on the first ``examples`` validation images as it takes them (normalized):
+        what a user loads and feeds.
 
         For after training: the run's model loses Accelerate's mixed-precision wrapper of ``forward``,
         which a copy cannot shed and which would run a user's model in reduced precision.
@@ -258,7 +259,7 @@ class Session:
         else:
             images = default_collate([self.data.val[index] for index in range(min(examples, len(self.data.val)))])[0]
         example = self.data.pipeline(images.cpu(), train=False).float().contiguous().numpy()
-        return model, example
+        return exported(model, example)
 
     def state(self) -> dict[str, Any]:
         """Weights, optimizer and loss-scaler state, as they are now (not copies)."""
