@@ -224,6 +224,16 @@ def main() -> None:
         _stopped(stopped)
     finally:  # for this call only: a process that runs the app again, or starts one, decides anew
         os.environ.pop("HYDRA_FULL_ERROR", None)
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """End this process's part of a multi-process launch before the interpreter ends: Gloo's threads still
+    at work while it tears down abort the process now and then (SIGABRT, "terminate called without an
+    active exception"), which the launcher reports as the whole launch failing."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _stopped(stopped: Stopped) -> NoReturn:

@@ -14,7 +14,7 @@ from clrx.errors import ConfigError
 from clrx.training.batch_size import find_batch_size, largest
 from clrx.training.run import train
 from clrx.training.session import accelerator_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, main_in_process
 
 PER_EPOCH = 1438 // 64
 VAL_IMAGES = 359
@@ -213,3 +213,18 @@ def test_slurm_tasks_become_torch_processes():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["5", "8", "1", "gpu07"]
+
+
+def test_the_command_leaves_its_process_group_before_the_interpreter_ends(tmp_path, monkeypatch, capsys):
+    """Gloo's threads still at work while an interpreter tears down can abort a rank at its exit."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        status, stderr = main_in_process(
+            *COMMON, "trainer.dry_run=true", f"hydra.run.dir={tmp_path / 'run'}", monkeypatch=monkeypatch, capsys=capsys
+        )
+        left = not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert status == 0, stderr
+    assert left
