@@ -134,7 +134,6 @@ def log_model(
             artifact_path=None,
             name=MODEL_NAME,
             flavor=pt2,
-            flavor_name=pt2.FLAVOR,
             model_id=logged.model_id,
             run_id=run_id,
             metadata=dict(metadata),

@@ -6,7 +6,7 @@ training process has all of them loaded and exports the model there; the store's
 never loads torch, writes the program's bytes with what ``save_model`` writes beside them. The
 result is ``mlflow.pytorch``'s own (flavors, signature, input example, environment files), so
 ``mlflow.pytorch.load_model`` and ``mlflow.pyfunc.load_model`` load it as they load theirs.
-``Model.log(flavor=pt2, flavor_name=FLAVOR)`` logs it.
+``Model.log(flavor=pt2, ...)`` logs it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mlflow.utils.environment import (
 from mlflow.utils.file_utils import get_total_file_size, write_to
 from mlflow.utils.model_utils import _validate_and_prepare_target_save_path
 
-FLAVOR = "mlflow.pytorch"  # the logged model's flavor, and the module that loads it
+FLAVOR = "mlflow.pytorch"  # the module that loads the model
 DATA = "data"  # where mlflow.pytorch keeps the program
 PROGRAM = "model.pt2"
 PICKLE_MODULE = "mlflow.pytorch.pickle_module"  # what mlflow.pytorch records, though a pt2 model unpickles nothing
