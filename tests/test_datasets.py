@@ -69,6 +69,24 @@ def test_each_format_loads_with_the_right_shape_labels_and_normalization(option,
 
 
 @pytest.mark.parametrize("option", FORMATS)
+def test_how_evaluation_prepares_an_image_is_said_for_whoever_feeds_the_logged_model(option, data_root):
+    data = build_data(_dataset(option, data_root).dataset)
+    said = data.preprocessing()
+    assert said["classes"] == list(data.classes)
+    if option != "imagefolder":
+        images, _ = data.val[:4]
+        stats = [torch.tensor(said["normalize"][key]).view(1, -1, 1, 1) for key in ("mean", "std")]
+        assert torch.allclose(data.pipeline(images, train=False), (images.float() / 255 - stats[0]) / stats[1])
+        assert "transform" not in said
+    else:
+        assert (
+            said["transform"] == str(data.val.transform)
+            and "Normalize(mean=tensor([0.5000, 0.5000, 0.5000])" in said["transform"]
+        )
+        assert "normalize" not in said
+
+
+@pytest.mark.parametrize("option", FORMATS)
 def test_one_short_training_run_per_format(option, data_root, store, tmp_path):
     uri, client = store
     overrides = ["trainer.epochs=1", "trainer.batch_size=8", "trainer.progress=false", f"tracking.uri={uri}"]

@@ -209,3 +209,17 @@ def test_a_run_the_store_cannot_create_is_raised_at_the_next_record_and_nothing_
     finally:
         process.close()
     assert process._process.returncode == 0  # ended when told, after what it had to do
+
+
+def test_a_run_starts_when_the_training_process_asked_for_it_however_late_the_store_process_creates_it(store):
+    uri, client = store
+    process = StoreProcess(uri, 30, prepare_model=False)  # importing MLflow there takes a second or more
+    try:
+        asked = int(time.time() * 1000)
+        with process.run("clrx", "prompt", {}) as tracker:
+            tracker.metric("loss", 1.0, 0)
+        run = client.get_run(tracker.run_id)
+        created = client.get_metric_history(tracker.run_id, "loss")[0].timestamp
+    finally:
+        process.close()
+    assert asked <= run.info.start_time <= created < asked + 500

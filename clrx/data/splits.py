@@ -186,6 +186,20 @@ class Splits:
     def collate(self) -> Callable[[Any], Any]:
         return keep_batch if isinstance(self.train, TensorImages) else default_collate
 
+    def preprocessing(self) -> dict[str, Any]:
+        """How evaluation prepares images for the model, for whoever feeds it later: in-memory datasets
+        scale uint8 images to [0, 1] and normalize them by ``mean`` and ``std``; image folders go through
+        their evaluation transform. And the class names, where the dataset has them."""
+        said: dict[str, Any] = {}
+        if self.pipeline.mean is not None:
+            said["normalize"] = {"mean": list(self.pipeline.mean), "std": list(self.pipeline.std)}
+        transform = getattr(getattr(self.val, "dataset", self.val), "transform", None)  # a split's Subset too
+        if transform is not None:
+            said["transform"] = str(transform)
+        if self.classes:
+            said["classes"] = list(self.classes)
+        return said
+
     def loader(self, part: Dataset, batch_size: int, train: bool, order: torch.Generator | None = None) -> DataLoader:
         """Batches of ``part``: shuffled whole batches for training; worker processes if the dataset needs them."""
         return DataLoader(

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,12 +75,14 @@ class StoreProcess:
     def run(self, *args: Any, **kwargs: Any) -> Iterator[RemoteTracker]:
         """A run (``store.open_run``'s arguments after the client) that always ends FINISHED, FAILED or KILLED.
 
-        A new run is created while training starts: nothing waits for its id until something needs it.
-        A resumed one is awaited, since training goes on from what the store holds of it.
+        A new run is created while training starts: nothing waits for its id until something needs it;
+        it starts when it was asked for, however late the store's process gets to it. A resumed one is
+        awaited, since training goes on from what the store holds of it.
         """
         self._runs += 1
         bound = inspect.signature(open_run).bind(None, *args, **kwargs)
         bound.apply_defaults()
+        bound.arguments["started"] = bound.arguments["started"] or time.time()
         opening = bound.args[1:]
         if bound.arguments.get("resume") is None:
             self.send("open", self._runs, opening)

@@ -517,18 +517,21 @@ def open_run(
     journal: Path | None = None,
     on_failure: str = "continue",
     system_metrics: bool = False,
+    started: float | None = None,
 ) -> Tracker:
     """A new run, or ``resume`` (the id of an earlier run) again with its metrics going on where they stopped.
 
     ``journal`` is the file every point is written to first (see ``clrx.tracking.journal``). A new
     run is tagged as ``mlflow.start_run`` would tag it (user, entry point, git commit), under ``tags``.
-    ``system_metrics``: MLflow's monitor samples the machine while the run lasts.
+    ``system_metrics``: MLflow's monitor samples the machine while the run lasts. ``started``: when the
+    run was asked for (``time.time()``), if not now.
     """
     if resume is None:
         from clrx.tracking.provenance import context_tags
 
         tags = context_tags(tags)
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
+        start_time = None if started is None else int(started * 1000)
+        run = client.create_run(experiment_id(client, experiment), start_time=start_time, tags=tags, run_name=run_name)
         run_id, logged = run.info.run_id, None
     else:
         run_id, logged = resume, _reopen(client, resume, journal)

@@ -320,6 +320,7 @@ def fit(
             "model_config": OmegaConf.to_container(cfg.model, resolve=True),
             "num_classes": session.data.num_classes,
             "in_chans": session.data.in_chans,
+            **session.data.preprocessing(),
         }
         tracker.model(exported, metadata, progress.step, cfg.tracking.register_as)
     return Result(
